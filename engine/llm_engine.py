@@ -1,0 +1,176 @@
+"""`LLMEngine`: requests in, `RequestOutput`s out, one ``step()`` at a time.
+
+The step is the three-line loop: schedule -> execute -> update. Workers reuse the same pieces
+(`Scheduler`, `ModelRunner`, `OutputProcessor`) but drive them around their own transport.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.kv_cache_pool import KVCachePool, KVLayout
+from engine.model_loader import load_model
+from engine.model_runner import ModelRunner, StepResult
+from engine.output_processor import OutputProcessor, RequestState
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+PromptInput = str | list[int] | list[dict[str, str]]
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.cfg = cfg
+        torch.manual_seed(cfg.seed)
+        self.model_config, self.model = load_model(
+            cfg.model, cfg.dtype, cfg.device, max_positions=cfg.scheduler.max_model_len,
+            random_weights=cfg.random_weights, seed=cfg.seed,
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else _try_tokenizer(cfg.model)
+        eos = tuple(self.model_config.eos_token_ids) or (
+            tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
+        )
+        self.eos_token_ids = eos
+        self.layout = KVLayout.for_budget(self.model_config, cfg.cache, cfg.dtype)
+        self.pool = KVCachePool(self.layout, cfg.device)
+        self.blocks = BlockManager(
+            self.layout.num_blocks, self.layout.block_size,
+            enable_prefix_caching=cfg.cache.enable_prefix_caching, watermark=cfg.cache.watermark,
+        )
+        self.scheduler = Scheduler(cfg.scheduler, self.blocks)
+        self.runner = ModelRunner(self.model, self.pool, eos)
+        self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.cfg.scheduler.max_model_len
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """A string, chat messages or token ids -> (prompt text, token ids)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt: text prompts need a tokenizer; pass token ids")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            if self.tokenizer is None:
+                raise InvalidRequestError("prompt: chat messages need a tokenizer")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt: token id {bad[0]} outside the vocabulary")
+            return None, list(prompt)
+        raise InvalidRequestError("prompt: expected a string, a list of chat messages, or a list of token ids")
+
+    def validate_prompt(self, token_ids: Seq[int]) -> None:
+        n = len(token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt: is empty")
+        if n >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt: {n} tokens leave no room to generate within max_model_len={self.max_model_len}"
+            )
+        capacity = self.layout.num_blocks * self.layout.block_size
+        if n + 1 > capacity:
+            raise PromptTooLongError(f"prompt: {n} tokens exceed the KV cache capacity of {capacity} tokens")
+
+    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> None:
+        if request_id in self.outputs.requests:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already running")
+        text, ids = self.tokenize(prompt)
+        self.validate_prompt(ids)
+        seqs = []
+        for i in range(params.n):
+            p = params if params.n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            seq = Sequence(f"{request_id}-{i}", request_id, list(ids), p)
+            seqs.append(seq)
+            self._seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+        self.outputs.add(RequestState(request_id, text, list(ids), params, seqs))
+
+    def abort_request(self, request_id: str) -> None:
+        state = self.outputs.requests.pop(request_id, None)
+        if state is None:
+            return
+        for seq in state.seqs:
+            self.scheduler.finish(seq, "abort")
+            self._seqs.pop(seq.seq_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.outputs.requests)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched.scheduled, [self.blocks.block_table(s.seq.seq_id) for s in sched.scheduled])
+        return self.update(sched, result)
+
+    def update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        """Apply sampled tokens, run stop checks, free finished sequences, emit outputs."""
+        self.scheduler.update_from_output(sched, result.tokens())
+        _record_logprobs(self._seqs, result)
+        changed: dict[str, dict[str, tuple[str, str | int | None]]] = {}
+        for seq_id in result.seq_ids:
+            seq = self._seqs[seq_id]
+            state = self.outputs.requests[seq.request_id]
+            st = state.texts[state.seqs.index(seq)]
+            stop = self.outputs.check_stop(seq, st)
+            finished = changed.setdefault(seq.request_id, {})
+            if stop is not None:
+                finished[seq_id] = stop
+        results = []
+        for request_id, finished in changed.items():
+            state = self.outputs.requests[request_id]
+            out = self.outputs.make_output(state, finished)
+            for seq in state.seqs:
+                if seq.seq_id in finished:
+                    self.scheduler.finish(seq, finished[seq.seq_id][0])
+            if all(s.is_finished for s in state.seqs):
+                del self.outputs.requests[request_id]
+                for seq in state.seqs:
+                    self._seqs.pop(seq.seq_id, None)
+            results.append(out)
+        return results
+
+
+def _record_logprobs(seqs: dict[str, Sequence], result: StepResult) -> None:
+    out = result.output
+    if out is None:
+        return
+    for row, seq_id in enumerate(result.seq_ids):
+        seq = seqs[seq_id]
+        if seq.params.logprobs is None:
+            continue
+        seq.logprobs.append(float(out.logprobs[row]))
+        top: dict[int, float] = {}
+        if out.top_ids is not None and out.top_logprobs is not None and seq.params.logprobs > 0:
+            n = seq.params.logprobs
+            top = dict(zip(out.top_ids[row, :n].tolist(), out.top_logprobs[row, :n].tolist()))
+        seq.top_logprobs.append(top)
+
+
+def _try_tokenizer(model: str) -> Tokenizer | None:
+    try:
+        return load_tokenizer(Path(model))
+    except Exception:  # a random-weights run may have only config.json
+        return None
+
+
+__all__ = ["LLMEngine", "ModelConfig", "PromptInput"]

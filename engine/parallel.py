@@ -1,0 +1,46 @@
+"""Parallel groups (TP/PP/EP) of one worker group.
+
+World size 1 is the default and the only size wired today; the layers read their rank and
+size from here so that tensor parallelism is a change of group, not of model code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ParallelGroup:
+    """This rank's position in a tensor-parallel group."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank {self.tp_rank} out of range for tp_size {self.tp_size}")
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum partial results of a row-parallel layer across the group."""
+        if self.tp_size == 1:
+            return x
+        torch.distributed.all_reduce(x)
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate vocab shards of the LM head's logits."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        torch.distributed.all_gather(parts, x)
+        return torch.cat(parts, dim=-1)
+
+    def shard(self, n: int, what: str) -> int:
+        if n % self.tp_size:
+            raise ValueError(f"{what} = {n} is not divisible by tp_size {self.tp_size}")
+        return n // self.tp_size
+
+
+SINGLE = ParallelGroup()

@@ -1,0 +1,116 @@
+"""One function per op: the Triton kernel for CUDA tensors, the torch reference otherwise.
+
+The engine calls only these. Selecting by device (not by a global flag) keeps CPU and GPU
+workers in one process tree free of shared mutable state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+
+__all__ = [
+    "paged_context_attention",
+    "paged_decode_attention",
+    "rms_norm",
+    "rope_and_write_kv",
+    "silu_mul",
+    "write_kv",
+]
+
+
+def _triton_enabled(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if _triton_enabled(x):
+        from kernels.triton_ops import rms_norm as k
+
+        return k(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    if _triton_enabled(x):
+        from kernels.triton_ops import silu_mul as k
+
+        return k(x)
+    return reference.silu_mul(x)
+
+
+def rope_and_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _triton_enabled(q):
+        from kernels.triton_ops import rope_and_write_kv as kern
+
+        return kern(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale)
+    return reference.rope_and_write_kv(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale)
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_layer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> None:
+    if _triton_enabled(k):
+        from kernels.triton_ops import write_kv as kern
+
+        kern(k, v, kv_layer, slot_mapping, k_scale, v_scale)
+        return
+    reference.write_kv(k, v, kv_layer, slot_mapping, k_scale, v_scale)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    multi_block: bool | None = None,
+) -> torch.Tensor:
+    if _triton_enabled(q):
+        from kernels.triton_ops import paged_decode_attention as kern
+
+        return kern(q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale, multi_block=multi_block)
+    return reference.paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale)
+
+
+def paged_context_attention(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+) -> torch.Tensor:
+    if _triton_enabled(q):
+        from kernels.triton_ops import paged_context_attention as kern
+
+        return kern(
+            q, kv_layer, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale,
+            max_query_len=max_query_len,
+        )
+    return reference.paged_context_attention(
+        q, kv_layer, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale
+    )
