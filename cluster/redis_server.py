@@ -1,0 +1,129 @@
+"""A private `redis-server` for ``redis: embedded`` deployments and for tests.
+
+The control plane holds only soft state (heartbeats, loads, KV events that workers republish),
+so the embedded server runs with persistence off: a restart is an empty store, never a stale
+one. It binds to localhost on a free port so several clusters (or test runs) coexist.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from engine.errors import SplitserveError
+
+
+class RedisServerError(SplitserveError):
+    """The embedded redis-server could not be started."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """Start ``redis-server`` on a free localhost port; stop it on `stop()` or context exit."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        executable: str = "redis-server",
+        startup_timeout_s: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.executable = executable
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise RedisServerError("embedded redis is not started")
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> EmbeddedRedis:
+        if self.running:
+            return self
+        exe = shutil.which(self.executable)
+        if exe is None:
+            raise RedisServerError(
+                f"{self.executable!r} not found on PATH; install it (apt-get install redis-server) "
+                "or set redis.url to an existing server"
+            )
+        # a port picked free can be taken before redis binds it; retry a few times
+        for _attempt in range(3):
+            port = self.port or free_port(self.host)
+            self._dir = tempfile.TemporaryDirectory(prefix="splitserve-redis-")
+            args = [
+                exe, "--port", str(port), "--bind", self.host, "--save", "", "--appendonly", "no",
+                "--dir", self._dir.name, "--protected-mode", "yes", "--loglevel", "warning",
+            ]  # fmt: skip
+            log = Path(self._dir.name) / "redis.log"
+            with log.open("wb") as out:
+                self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            if self._wait_ready(port):
+                self.port = port
+                return self
+            tail = log.read_text(errors="replace")[-2000:]
+            self.stop()
+            if "Address already in use" not in tail or self.port is not None:
+                raise RedisServerError(f"redis-server did not start on port {port}:\n{tail}")
+        raise RedisServerError("redis-server could not find a free port")
+
+    def _wait_ready(self, port: int) -> bool:
+        client = redis.Redis(host=self.host, port=port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + self.startup_timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self._proc is None or self._proc.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except redis.exceptions.RedisError:
+                    time.sleep(0.02)
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __del__(self) -> None:
+        # a forgotten server must not outlive the process that started it
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()

@@ -1,0 +1,373 @@
+"""The router's OpenAI-compatible HTTP app.
+
+One request: authenticate, validate (strict pydantic models, OpenAI error bodies), template and
+tokenize, check lengths against ``max_model_len``, route once (prefix index + loads), then run
+``n`` choices (per prompt) as parallel backend streams merged into one SSE stream or one JSON
+body. Routing and queue-full errors surface before the first byte, so they keep their status
+(429, 503) even when streaming. A client disconnect or the request timeout closes every
+backend stream, which cancels the request on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cluster.config import ClusterConfig
+from cluster.registry import ControlPlane
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from router import protocol as P
+from router.backend import GenerationBackend, TokenDelta, Tokenizer
+from router.dispatch import ClusterView, Dispatcher, RoutedPrompt, deadline_after
+from router.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ClientDisconnectedError,
+    ContextLengthError,
+    ModelNotFoundError,
+    install_error_handlers,
+    to_api_error,
+)
+from router.metrics import RouterMetrics
+from router.policy import PolicySettings, make_policy
+from router.render import ChatRenderer, ChoiceJob, CompletionRenderer, Renderer, Tracker, merge_choices
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": P.ErrorResponse, "description": desc}
+    for code, desc in [
+        (400, "Invalid request"),
+        (401, "Missing or invalid API key"),
+        (404, "Unknown model"),
+        (429, "Queues full; see Retry-After"),
+        (503, "No worker available"),
+    ]
+}
+
+
+@dataclass
+class RouterState:
+    config: ClusterConfig
+    backend: GenerationBackend
+    cluster: ClusterView
+    dispatcher: Dispatcher
+    metrics: RouterMetrics
+    created: int
+
+
+class _CountStatus:
+    """Counts responses by endpoint and status (pure ASGI: wrapping `send` leaves streaming
+    and disconnect detection untouched, unlike BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other"
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(
+    config: ClusterConfig, backend: GenerationBackend, control_plane: ControlPlane | None = None
+) -> FastAPI:
+    """The router app; with ``control_plane`` None it routes over `app.state.router.cluster`,
+    which callers may fill by hand (or leave empty to let the backend pick workers)."""
+    cluster = ClusterView(control_plane)
+    metrics = RouterMetrics(cluster.workers)
+    policy = make_policy(config.router.policy, PolicySettings.from_config(config))
+    dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=config.router.max_retries)
+    state = RouterState(config, backend, cluster, dispatcher, metrics, int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await backend.start()
+        await cluster.start()
+        try:
+            yield
+        finally:
+            await cluster.stop()
+            await backend.close()
+
+    app = FastAPI(
+        title="splitserve router",
+        version="0.1.0",
+        description="OpenAI-compatible API over disaggregated prefill and decode pools.",
+        lifespan=lifespan,
+    )
+    app.state.router = state
+    install_error_handlers(app)
+    app.add_middleware(_CountStatus, metrics=metrics)
+    keys = [k.encode() for k in config.router.api_keys]
+
+    async def check_api_key(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare against every key: the time taken must not reveal which one nearly matched
+        ok = scheme.lower() == "bearer" and any(
+            [hmac.compare_digest(token.strip().encode(), k) for k in keys]
+        )
+        if not ok:
+            raise AuthenticationError("invalid or missing API key (Authorization: Bearer <key>)")
+
+    v1 = [Depends(check_api_key)]
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=P.ChatCompletionResponse,
+        responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+        dependencies=v1,
+    )
+    async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        _check_model(state, body.model)
+        tok = backend.tokenizer
+        messages = [_message_dict(m) for m in body.messages]
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True)
+        except (jinja2.TemplateError, ValueError, TypeError, KeyError) as e:
+            raise BadRequestError(
+                f"messages: cannot apply the chat template: {e}", param="messages"
+            ) from None
+        ids = await _encode(tok, text, add_special_tokens=False)
+        renderer = ChatRenderer(P.new_id("chatcmpl"), state.config.model_name, tok, body.num_logprobs)
+        return await _serve(state, request, body, [ids], "messages", renderer, arrival)
+
+    @app.post(
+        "/v1/completions",
+        response_model=P.CompletionResponse,
+        responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+        dependencies=v1,
+    )
+    async def completions(body: P.CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        _check_model(state, body.model)
+        tok = backend.tokenizer
+        prompts: list[list[int]] = []
+        for p in body.prompts():
+            prompts.append(await _encode(tok, p, add_special_tokens=True) if isinstance(p, str) else p)
+        vocab = getattr(tok, "vocab_size", None)
+        if isinstance(vocab, int) and any(t >= vocab for ids in prompts for t in ids):
+            raise BadRequestError(f"prompt: token ids must be < vocab size {vocab}", param="prompt")
+        renderer = CompletionRenderer(P.new_id("cmpl"), state.config.model_name, tok, body.num_logprobs)
+        return await _serve(state, request, body, prompts, "prompt", renderer, arrival)
+
+    @app.get("/v1/models", response_model=P.ModelList, responses=_ERROR_RESPONSES, dependencies=v1)
+    async def models() -> P.ModelList:
+        card = P.ModelCard(
+            id=state.config.model_name, created=state.created, max_model_len=state.config.max_model_len
+        )
+        return P.ModelList(data=[card])
+
+    @app.get("/health", responses={503: {"model": P.ErrorResponse}})
+    async def health() -> JSONResponse:
+        ok = await backend.healthy()
+        if ok and not cluster.static and not cluster.snapshot().decode:
+            ok = False
+        status = {"status": "ok" if ok else "unavailable", "workers": len(cluster.workers())}
+        return JSONResponse(status, status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=Response, include_in_schema=False)
+    async def prometheus() -> Response:
+        data, content_type = metrics.render()
+        return Response(data, media_type=content_type)
+
+    return app
+
+
+def _check_model(state: RouterState, model: str) -> None:
+    if model not in (state.config.model_name, state.config.model):
+        raise ModelNotFoundError(
+            f"model {model!r} does not exist; this server serves {state.config.model_name!r}", param="model"
+        )
+
+
+def _message_dict(m: P.ChatMessage) -> dict[str, Any]:
+    d: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name:
+        d["name"] = m.name
+    return d
+
+
+async def _encode(tok: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    # long prompts tokenize in a thread so one big request cannot stall every stream
+    if len(text) > 8192:
+        return await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens)
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+_SAMPLING_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+)  # fmt: skip
+
+
+def _sampling_params(body: P.ChatCompletionRequest | P.CompletionRequest, max_tokens: int) -> SamplingParams:
+    given = {name: getattr(body, name) for name in _SAMPLING_FIELDS if getattr(body, name) is not None}
+    return SamplingParams(
+        n=1,
+        max_tokens=max_tokens,
+        stop=tuple(body.stop_list),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        logprobs=body.num_logprobs,
+        **given,
+    )
+
+
+async def _serve(
+    state: RouterState,
+    request: Request,
+    body: P.ChatCompletionRequest | P.CompletionRequest,
+    prompts: list[list[int]],
+    prompt_param: str,
+    renderer: Renderer,
+    arrival: float,
+) -> Response:
+    max_len = state.config.max_model_len
+    jobs: list[ChoiceJob] = []
+    for ids in prompts:
+        if not ids:
+            raise BadRequestError(f"{prompt_param}: the prompt is empty", param=prompt_param)
+        if len(ids) >= max_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {max_len} tokens; the prompt has {len(ids)} tokens.",
+                param=prompt_param,
+            )
+        want = body.max_new_tokens
+        if want is not None and len(ids) + want > max_len:
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise ContextLengthError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{len(ids) + want} tokens ({len(ids)} in the prompt, {want} for the completion).",
+                param=field,
+            )
+        try:
+            params = _sampling_params(body, want if want is not None else max_len - len(ids))
+        except InvalidRequestError as e:
+            raise to_api_error(e) from None
+        routed: RoutedPrompt = state.dispatcher.route(ids)
+        for i in range(body.n):
+            try:
+                child = params.for_child(i)
+            except InvalidRequestError as e:
+                raise to_api_error(e) from None
+            jobs.append(ChoiceJob(len(jobs), routed, child))
+    state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+    request_id = renderer.response_id
+    deadline = deadline_after(state.config.router.request_timeout_s)
+    streams = [state.dispatcher.stream(j.routed, f"{request_id}-{j.index}", j.params, deadline) for j in jobs]
+    merged = merge_choices(streams, request, deadline)
+    prompt_tokens = sum(len(p) for p in prompts)
+    state.metrics.running.inc()
+    try:
+        first = await anext(merged)  # routing/admission errors raise here, before any byte is sent
+    except StopAsyncIteration:
+        first = None
+    except BaseException:
+        state.metrics.running.dec()
+        await merged.aclose()
+        raise
+    tracker = renderer.start(len(jobs), prompt_tokens, arrival, state.metrics)
+    if not body.stream:
+        try:
+            if first is not None:
+                tracker.add(*first)
+                async for index, delta in merged:
+                    tracker.add(index, delta)
+        finally:
+            await merged.aclose()
+            tracker.finish()
+            state.metrics.running.dec()
+        return JSONResponse(renderer.response(tracker))
+    closer = _Closer(merged, tracker, state.metrics)
+    return _SSEResponse(_sse(renderer, tracker, first, merged, body.include_usage, closer), closer)
+
+
+class _Closer:
+    """Idempotent end of a streamed request, run by the SSE generator or, if the response
+    never got to iterate it (client gone before the headers), by the response itself."""
+
+    def __init__(self, merged: AsyncIterator[Any], tracker: Tracker, metrics: RouterMetrics) -> None:
+        self.merged, self.tracker, self.metrics = merged, tracker, metrics
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        try:
+            await self.merged.aclose()  # type: ignore[attr-defined]
+        finally:
+            self.tracker.finish()
+            self.metrics.running.dec()
+
+
+class _SSEResponse(StreamingResponse):
+    def __init__(self, content: AsyncIterator[str], closer: _Closer) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.closer = closer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.closer()
+
+
+async def _sse(
+    renderer: Renderer,
+    tracker: Tracker,
+    first: tuple[int, TokenDelta] | None,
+    merged: AsyncIterator[tuple[int, TokenDelta]],
+    include_usage: bool,
+    closer: _Closer,
+) -> AsyncIterator[str]:
+    try:
+        try:
+            if first is not None:
+                for chunk in renderer.chunks(tracker, *first, include_usage):
+                    yield _event(chunk)
+                async for index, delta in merged:
+                    for chunk in renderer.chunks(tracker, index, delta, include_usage):
+                        yield _event(chunk)
+        except ClientDisconnectedError:
+            return
+        except Exception as e:  # mid-stream failure: the status is already sent, report in-band
+            yield _event(to_api_error(e).body())
+        else:
+            if include_usage:
+                yield _event(renderer.usage_chunk(tracker))
+        yield "data: [DONE]\n\n"
+    finally:
+        await closer()
+
+
+def _event(obj: Any) -> str:
+    payload = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {payload}\n\n"
