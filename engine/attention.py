@@ -27,7 +27,8 @@ def paged_attention(q: torch.Tensor, cache: LayerKV, meta: AttentionMetadata, sc
     """``q: [T, Hq, D]`` (new tokens, KV already written) -> ``[T, Hq, D]``."""
     if meta.is_decode_only:
         return ops.paged_decode_attention(
-            q, cache.kv, meta.block_tables, meta.seq_lens, scale, cache.k_scale, cache.v_scale
+            q, cache.kv, meta.block_tables, meta.seq_lens, scale, cache.k_scale, cache.v_scale,
+            max_seq_len=meta.max_seq_len,
         )
     return ops.paged_context_attention(
         q, cache.kv, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,

@@ -6,11 +6,18 @@ workers in one process tree free of shared mutable state.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
 import torch
 
 from kernels import reference
 
+_FORCE_REFERENCE: ContextVar[bool] = ContextVar("splitserve_force_reference", default=False)
+
 __all__ = [
+    "force_reference",
     "paged_context_attention",
     "paged_decode_attention",
     "rms_norm",
@@ -20,8 +27,18 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def force_reference() -> Iterator[None]:
+    """Run the torch twins even on CUDA tensors (kernel-vs-reference checks of a whole model)."""
+    token = _FORCE_REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE.reset(token)
+
+
 def _triton_enabled(t: torch.Tensor) -> bool:
-    return t.is_cuda
+    return t.is_cuda and not _FORCE_REFERENCE.get()
 
 
 def rms_norm(
@@ -57,7 +74,9 @@ def rope_and_write_kv(
         from kernels.triton_ops import rope_and_write_kv as kern
 
         return kern(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale)
-    return reference.rope_and_write_kv(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale)
+    return reference.rope_and_write_kv(
+        q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale
+    )
 
 
 def write_kv(
@@ -85,11 +104,16 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     multi_block: bool | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
+    """``max_seq_len`` (host int, optional) sizes the multi-block split to the real lengths."""
     if _triton_enabled(q):
         from kernels.triton_ops import paged_decode_attention as kern
 
-        return kern(q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale, multi_block=multi_block)
+        return kern(
+            q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale,
+            multi_block=multi_block, max_seq_len=max_seq_len,
+        )
     return reference.paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale)
 
 

@@ -90,6 +90,10 @@ def write_kv(
 ) -> None:
     """Scatter ``k, v: [T, Hkv, D]`` into their slots (``block * block_size + offset``)."""
     block_size = kv_layer.shape[3]
+    # a negative slot marks a padded token (CUDA-graph batches): it owns no slot, write nothing
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
     offsets = slot_mapping % block_size
     if kv_layer.dtype == torch.float8_e4m3fn:
@@ -149,8 +153,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     group = hq // hkv
     qh = q.transpose(0, 1).reshape(hkv, group * n_q, -1)  # [Hkv, G*L, D]
     scores = torch.matmul(qh.float(), k.float().transpose(1, 2)) * scale  # [Hkv, G*L, S]
-    qpos = (torch.arange(n_q) + (s - n_q)).repeat(group)  # position of each query row
-    mask = torch.arange(s)[None, :] > qpos[:, None]
+    qpos = (torch.arange(n_q, device=q.device) + (s - n_q)).repeat(group)  # position of each query row
+    mask = torch.arange(s, device=q.device)[None, :] > qpos[:, None]
     scores = scores.masked_fill(mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v.float())  # [Hkv, G*L, D]
