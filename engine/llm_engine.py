@@ -6,7 +6,7 @@ The step is the three-line loop: schedule -> execute -> update. Workers reuse th
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
@@ -22,10 +22,19 @@ from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 PromptInput = str | list[int] | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class RemotePrefill:
+    """Where a prefill worker must write a prompt's KV on this (decode) worker."""
+
+    seq_id: str
+    block_ids: list[int]
+    num_cached_tokens: int  # leading tokens decode already holds (whole blocks): not sent
 
 
 class LLMEngine:
@@ -48,7 +57,7 @@ class LLMEngine:
             enable_prefix_caching=cfg.cache.enable_prefix_caching, watermark=cfg.cache.watermark,
         )
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = ModelRunner(self.model, self.pool, eos)
+        self.runner = ModelRunner(self.model, self.pool, eos, seed=cfg.seed)
         self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
         self._seqs: dict[str, Sequence] = {}
 
@@ -95,12 +104,54 @@ class LLMEngine:
         self.validate_prompt(ids)
         seqs = []
         for i in range(params.n):
-            p = params if params.n == 1 or params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            p = params if params.n == 1 else params.for_child(i)
             seq = Sequence(f"{request_id}-{i}", request_id, list(ids), p)
             seqs.append(seq)
             self._seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
         self.outputs.add(RequestState(request_id, text, list(ids), params, seqs))
+
+    # ---- disaggregation: the decode side of a remote prefill --------------------------------
+
+    def add_remote_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RemotePrefill:
+        """Allocate the prompt's blocks (own prefix-cache hits reused) for a prefill worker to fill.
+
+        Raises `OutOfBlocksError` (nothing held) when the pool cannot take the prompt now.
+        """
+        if params.n != 1:
+            raise InvalidRequestError("n: remote prefill serves one sequence; run n > 1 locally")
+        if request_id in self.outputs.requests:
+            raise InvalidRequestError(f"request_id: {request_id!r} is already running")
+        self.validate_prompt(prompt_ids)
+        seq = Sequence(f"{request_id}-0", request_id, list(prompt_ids), params)
+        cached = self.blocks.allocate(seq.seq_id, seq.prompt_token_ids)
+        seq.status = SequenceStatus.REMOTE_PREFILL
+        seq.num_cached_tokens = cached
+        self._seqs[seq.seq_id] = seq
+        self.outputs.add(RequestState(request_id, None, list(prompt_ids), params, [seq]))
+        return RemotePrefill(seq.seq_id, list(self.blocks.block_table(seq.seq_id)), cached)
+
+    def complete_remote_request(
+        self, request_id: str, first_token: int, logprob: float = 0.0, top: dict[int, float] | None = None
+    ) -> RequestOutput | None:
+        """The prompt's KV has landed: join the running batch with the prefill's first token."""
+        state = self.outputs.requests.get(request_id)
+        if state is None or state.seqs[0].status is not SequenceStatus.REMOTE_PREFILL:
+            return None  # aborted meanwhile; its blocks are already free
+        seq = state.seqs[0]
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.output_token_ids.append(first_token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(logprob)
+            seq.top_logprobs.append(dict(top or {}))
+        self.scheduler.add_prefilled(seq)
+        stop = self.outputs.check_stop(seq, state.texts[0])
+        finished = {seq.seq_id: stop} if stop is not None else {}
+        out = self.outputs.make_output(state, finished)
+        if stop is not None:
+            self.scheduler.finish(seq, stop[0])
+            self._forget(request_id)
+        return out
 
     def abort_request(self, request_id: str) -> None:
         state = self.outputs.requests.pop(request_id, None)
@@ -143,11 +194,14 @@ class LLMEngine:
                 if seq.seq_id in finished:
                     self.scheduler.finish(seq, finished[seq.seq_id][0])
             if all(s.is_finished for s in state.seqs):
-                del self.outputs.requests[request_id]
-                for seq in state.seqs:
-                    self._seqs.pop(seq.seq_id, None)
+                self._forget(request_id)
             results.append(out)
         return results
+
+    def _forget(self, request_id: str) -> None:
+        state = self.outputs.requests.pop(request_id)
+        for seq in state.seqs:
+            self._seqs.pop(seq.seq_id, None)
 
 
 def _record_logprobs(seqs: dict[str, Sequence], result: StepResult) -> None:

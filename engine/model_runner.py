@@ -33,12 +33,14 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVCachePool, eos_token_ids: Seq[int] = ()) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, pool: KVCachePool, eos_token_ids: Seq[int] = (), seed: int | None = None
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = pool.device
         self.eos_token_ids = tuple(eos_token_ids)
-        self.sampler = Sampler()
+        self.sampler = Sampler(seed)
         self.caches = [LayerKV(pool.layer(i), pool.k_scale, pool.v_scale) for i in range(pool.layout.num_layers)]
 
     def prepare(

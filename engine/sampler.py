@@ -303,7 +303,7 @@ def _cutoff(
     probs = (sorted_x - lse).exp()
     before = torch.zeros_like(probs)
     before[:, 1:] = probs.cumsum(dim=-1)[:, :-1]  # exclusive, hence monotone: kept is a prefix
-    num_kept = (before < top_p[:, None]).sum(dim=-1, keepdim=True)
+    num_kept = (before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)
     return sorted_x.gather(1, num_kept - 1), num_kept.squeeze(1) < sorted_x.shape[-1]
 
 

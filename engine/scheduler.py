@@ -60,6 +60,12 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_prefilled(self, seq: Sequence) -> None:
+        """Join a sequence whose prompt KV arrived from a prefill worker (blocks already allocated)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.blocks.commit(seq.seq_id, seq.token_slice(0, seq.num_computed_tokens))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -69,6 +75,8 @@ class Scheduler:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            self.blocks.free(seq.seq_id)
+        elif seq.status is SequenceStatus.REMOTE_PREFILL:
             self.blocks.free(seq.seq_id)
         else:
             self.waiting.remove(seq)

@@ -13,6 +13,7 @@ _arrival = itertools.count()
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    REMOTE_PREFILL = "remote_prefill"  # blocks allocated, a prefill worker is filling them
     RUNNING = "running"
     FINISHED = "finished"
 

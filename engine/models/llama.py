@@ -199,10 +199,9 @@ class LlamaForCausalLM(nn.Module):
 
     def init_random_weights(self, seed: int = 0, std: float = 0.02) -> None:
         """Random weights of the right scale: exact for speed runs, and a reference for parity runs."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        gens: dict[torch.device, torch.Generator] = {}
         with torch.no_grad():
             for name, p in self.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+                noise = torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32)
+                p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else noise * std)
