@@ -105,7 +105,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefill_worker: _Optional[str] = ...) -> None: ...
 
 class RemotePrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "decode_agent", "decode_metadata", "dst_block_ids", "skip_blocks", "lease_s")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "decode_agent", "decode_metadata", "dst_block_ids", "skip_blocks", "lease_s", "decode_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class RemotePrefillRequest(_message.Message):
     DST_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     SKIP_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
@@ -122,17 +123,20 @@ class RemotePrefillRequest(_message.Message):
     dst_block_ids: _containers.RepeatedScalarFieldContainer[int]
     skip_blocks: int
     lease_s: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., decode_agent: _Optional[str] = ..., decode_metadata: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., skip_blocks: _Optional[int] = ..., lease_s: _Optional[float] = ...) -> None: ...
+    decode_address: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., decode_agent: _Optional[str] = ..., decode_metadata: _Optional[bytes] = ..., dst_block_ids: _Optional[_Iterable[int]] = ..., skip_blocks: _Optional[int] = ..., lease_s: _Optional[float] = ..., decode_address: _Optional[str] = ...) -> None: ...
 
 class RemotePrefillReply(_message.Message):
-    __slots__ = ("accepted", "error", "queued_tokens")
+    __slots__ = ("accepted", "error", "queued_tokens", "agent_name")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     error: str
     queued_tokens: int
-    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ..., queued_tokens: _Optional[int] = ...) -> None: ...
+    agent_name: str
+    def __init__(self, accepted: _Optional[bool] = ..., error: _Optional[str] = ..., queued_tokens: _Optional[int] = ..., agent_name: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -163,7 +167,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "pool", "num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "queued_prefill_tokens", "prompt_tokens_computed", "prompt_tokens_cached", "agent_name", "transport_metadata", "compat_key")
+    __slots__ = ("worker_id", "pool", "num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "queued_prefill_tokens", "prompt_tokens_computed", "prompt_tokens_cached", "agent_name", "transport_metadata", "compat_key", "handover_p50_ms", "handover_max_ms", "num_handovers", "decode_step_p50_ms", "num_preemptions", "num_leases", "integrity_error", "kv_bytes_pushed", "kv_push_seconds", "kv_push_tail_ms_p50")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +180,16 @@ class WorkerStatus(_message.Message):
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_METADATA_FIELD_NUMBER: _ClassVar[int]
     COMPAT_KEY_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    HANDOVER_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HANDOVERS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LEASES_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    KV_PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_PUSH_TAIL_MS_P50_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pool: str
     num_total_blocks: int
@@ -188,4 +202,14 @@ class WorkerStatus(_message.Message):
     agent_name: str
     transport_metadata: bytes
     compat_key: str
-    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., agent_name: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., compat_key: _Optional[str] = ...) -> None: ...
+    handover_p50_ms: float
+    handover_max_ms: float
+    num_handovers: int
+    decode_step_p50_ms: float
+    num_preemptions: int
+    num_leases: int
+    integrity_error: str
+    kv_bytes_pushed: int
+    kv_push_seconds: float
+    kv_push_tail_ms_p50: float
+    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., agent_name: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., compat_key: _Optional[str] = ..., handover_p50_ms: _Optional[float] = ..., handover_max_ms: _Optional[float] = ..., num_handovers: _Optional[int] = ..., decode_step_p50_ms: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., kv_bytes_pushed: _Optional[int] = ..., kv_push_seconds: _Optional[float] = ..., kv_push_tail_ms_p50: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,90 @@
+"""Process entry point of one prefill or decode worker.
+
+    python -m cluster.worker_main --spec '{"role": "decode", "model": "/models/smollm2", ...}'
+    python -m cluster.worker_main --spec-file decode.json
+
+The spec is a `WorkerSpec` as JSON; the cluster token comes from ``SPLITSERVE_CLUSTER_TOKEN``.
+Once serving, the worker prints one ``READY {json}`` line (worker_id, address, agent_name, pid)
+and, when the spec names a ``ready_file``, writes the same JSON there (atomically), which is
+what `cluster.local_workers.WorkerProcess` waits for. SIGTERM or SIGINT stop it cleanly:
+engine loop, transport, then gRPC server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cluster.worker_runtime import RunningWorker
+from cluster.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
+
+log = logging.getLogger("splitserve.worker")
+
+
+def _starter(role: str) -> Callable[[WorkerSpec, str], RunningWorker]:
+    if role == "decode":
+        from decode_worker.server import start_decode_worker
+
+        return start_decode_worker
+    from prefill_worker.server import start_prefill_worker
+
+    return start_prefill_worker
+
+
+def _write_ready(path: str, info: dict[str, object]) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+def run(spec: WorkerSpec, token: str) -> int:
+    if spec.num_threads > 0:
+        import torch
+
+        torch.set_num_threads(spec.num_threads)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    t0 = time.monotonic()
+    log.info("starting %s worker: loading %s (%s on %s)", spec.role, spec.model, spec.dtype, spec.device)
+    worker = _starter(spec.role)(spec, token)
+    info = {"worker_id": worker.worker_id, "address": worker.address, "agent_name": worker.agent_name,
+            "pid": os.getpid(), "role": spec.role}
+    log.info("%s ready in %.1fs at %s", worker.worker_id, time.monotonic() - t0, worker.address)
+    if spec.ready_file:
+        _write_ready(spec.ready_file, info)
+    print("READY " + json.dumps(info), flush=True)
+    stop.wait()
+    log.info("%s stopping", worker.worker_id)
+    worker.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="splitserve-worker", description=__doc__.split("\n")[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", help="WorkerSpec as a JSON object")
+    src.add_argument("--spec-file", help="path of a JSON WorkerSpec")
+    ap.add_argument("--log-level", default=os.environ.get("SPLITSERVE_LOG_LEVEL", "INFO"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        text = args.spec if args.spec is not None else Path(args.spec_file).read_text()
+        spec = WorkerSpec.from_json(text)
+    except (OSError, ValueError, WorkerSpecError) as e:
+        print(f"error: worker spec: {e}", file=sys.stderr)
+        return 2
+    return run(spec, os.environ.get(TOKEN_ENV, ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

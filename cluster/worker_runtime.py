@@ -1,0 +1,101 @@
+"""What both worker kinds share at start-up: the gRPC server, the KV transport, a stop handle.
+
+`decode_worker.server.start_decode_worker` and `prefill_worker.server.start_prefill_worker`
+build on these; `cluster.worker_main` runs either one as a process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cluster.grpc_auth import CHANNEL_OPTIONS, TokenInterceptor
+from cluster.worker_spec import WorkerSpec
+from engine.config import parse_dtype
+from engine.kv_cache_pool import KVCachePool, KVLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningWorker:
+    """A started worker inside this process; ``stop()`` undoes everything start did."""
+
+    worker_id: str
+    address: str  # host:port its gRPC server is bound to
+    agent_name: str  # its KV transport peer name
+    _stops: list[Callable[[], None]] = field(default_factory=list, repr=False)
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        self._stops.append(fn)
+
+    def stop(self) -> None:
+        """Stops in reverse start order; a failing step is logged and the rest still run."""
+        while self._stops:
+            fn = self._stops.pop()
+            try:
+                fn()
+            except Exception:
+                log.exception("worker %s: error while stopping", self.worker_id)
+
+
+def bind_server(spec: WorkerSpec, token: str, max_workers: int) -> tuple[grpc.Server, str]:
+    """A gRPC server checking the cluster token, bound (not started); returns it and host:port."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers, thread_name_prefix=f"{spec.role}-grpc"),
+        interceptors=[TokenInterceptor(token)],
+        options=CHANNEL_OPTIONS,
+    )
+    port = server.add_insecure_port(f"{spec.host}:{spec.port}")
+    if port == 0:
+        raise OSError(f"could not bind {spec.host}:{spec.port}")
+    return server, f"{spec.host}:{port}"
+
+
+def worker_id_for(spec: WorkerSpec, address: str) -> str:
+    """Unique per cluster: the transport uses it as the agent name, so two workers never share one."""
+    if spec.worker_id:
+        return spec.worker_id
+    return f"{spec.role}-{socket.gethostname()}-{address.rsplit(':', 1)[1]}"
+
+
+def compat_key(spec: WorkerSpec) -> dict[str, Any]:
+    """What the KV layout cannot show but two workers must share for their KV to be
+    interchangeable: the weights (random weights of a seed are other weights), the model
+    dtype, and the head split (one rank of one TP group today)."""
+    model = Path(spec.model).name + (f"+random-seed{spec.seed}" if spec.random_weights else "")
+    return {"model": model, "model_dtype": str(parse_dtype(spec.dtype)), "tp_size": 1, "tp_rank": 0}
+
+
+def compat_text(spec: WorkerSpec, layout: KVLayout) -> str:
+    """The full key the transport handshake compares, as JSON for ``Status``."""
+    from kvtransfer.handshake import full_compat
+
+    return json.dumps(full_compat(layout, compat_key(spec)), sort_keys=True)
+
+
+def open_transport(spec: WorkerSpec, agent_name: str, token: str, pool: KVCachePool) -> Any:
+    """Create the spec's KV transport and register the pool once (the only registration)."""
+    from kvtransfer.base import TransportOptions
+    from kvtransfer.registry import create_transport
+
+    options = TransportOptions(**{"host": spec.host, **spec.transport_options, "token": token})
+    transport = create_transport(spec.transport, agent_name, options)
+    try:
+        transport.register_pool(pool, compat_key(spec))
+    except BaseException:
+        transport.close()
+        raise
+    return transport

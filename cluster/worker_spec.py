@@ -1,0 +1,115 @@
+"""`WorkerSpec`: everything one prefill or decode worker process needs, as one small JSON object.
+
+The launcher (local processes today, Ray tomorrow) writes it; `cluster.worker_main` reads it.
+It is validated once here, with errors that name the field. The cluster token is not part of
+the JSON on purpose: command lines are visible to every local user, so it travels in the
+``SPLITSERVE_CLUSTER_TOKEN`` environment variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+
+TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
+Role = Literal["prefill", "decode"]
+ROLES: tuple[Role, ...] = ("prefill", "decode")
+
+
+class WorkerSpecError(ValueError):
+    """A worker spec is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: Role
+    model: str  # HF folder or .gguf file
+    worker_id: str = ""  # defaults to "<role>-<port>" once bound
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory: int = 64 * 2**20
+    num_kv_blocks: int | None = None  # wins over kv_cache_memory
+    max_num_batched_tokens: int = 512  # prefill: the token budget per step (chunk size)
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # None: min(model's max positions, 4096), as `LLM`
+    enable_prefix_caching: bool = True
+    transport: str = "tcp"  # a kvtransfer registry name: "nixl", "tcp", ...
+    transport_options: dict[str, Any] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port; the bound one is printed and written to ready_file
+    ready_file: str | None = None
+    lease_s: float = 10.0  # decode: how long blocks wait for a silent prefill worker
+    request_timeout_s: float = 0.0  # decode: default per-request deadline, 0 = none
+    transfer_timeout_s: float = 10.0  # prefill: how long one step's KV writes may take
+    grpc_workers: int = 256  # decode: one thread per open Generate stream
+    num_threads: int = 0  # torch intra-op threads, 0 = torch's default
+    random_weights: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise WorkerSpecError(f"role: must be one of {ROLES}, got {self.role!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "grpc_workers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise WorkerSpecError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 <= self.port < 65536:
+            raise WorkerSpecError(f"port: must be in 0..65535, got {self.port}")
+        for name in ("lease_s", "transfer_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise WorkerSpecError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.request_timeout_s < 0:
+            raise WorkerSpecError(f"request_timeout_s: must be >= 0, got {self.request_timeout_s}")
+        try:
+            parse_dtype(self.dtype)
+        except ValueError as e:
+            raise WorkerSpecError(str(e)) from None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in d:
+            if k not in known:
+                raise WorkerSpecError(f"{k}: unknown worker spec field")
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in d:
+                raise WorkerSpecError(f"{f.name}: required")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerSpec:
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    def replace(self, **kw: Any) -> WorkerSpec:
+        return dataclasses.replace(self, **kw)
+
+    def engine_config(self) -> EngineConfig:
+        from engine.weights import resolve_model
+
+        model_cfg = ModelConfig.from_hf_dict(resolve_model(Path(self.model))[0])
+        max_len = self.max_model_len or min(model_cfg.max_position_embeddings, 4096)
+        return EngineConfig(
+            model=self.model,
+            dtype=parse_dtype(self.dtype),
+            device=self.device,
+            cache=CacheConfig(
+                block_size=self.block_size, memory_bytes=self.kv_cache_memory, num_blocks=self.num_kv_blocks,
+                enable_prefix_caching=self.enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_model_len=max_len,
+            ),
+            seed=self.seed,
+            random_weights=self.random_weights,
+        )
