@@ -96,8 +96,10 @@ def main() -> int:
                 prompt = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
                 t_remote, tok_remote = _ttft(client, prompt, params, target)
                 t_local, tok_local = _ttft(client, prompt, params, None)
-                rows.append({"rep": i, "ttft_disagg_ms": 1e3 * t_remote, "ttft_prefill_alone_ms": 1e3 * t_local,
-                             "overhead_pct": 100 * (t_remote / t_local - 1), "same_tokens": tok_remote == tok_local})
+                rows.append({
+                    "rep": i, "ttft_disagg_ms": 1e3 * t_remote, "ttft_prefill_alone_ms": 1e3 * t_local,
+                    "overhead_pct": 100 * (t_remote / t_local - 1), "same_tokens": tok_remote == tok_local,
+                })
             p, d = pclient.status(), client.status()
         nbytes = p.kv_bytes_pushed - base_p.kv_bytes_pushed
         seconds = p.kv_push_seconds - base_p.kv_push_seconds

@@ -31,7 +31,8 @@ LLAMA_3_1_8B: dict[str, Any] = {
 # Same family, a few MB: smoke-testing a benchmark's plumbing on CPU before spending GPU time.
 LLAMA_TINY: dict[str, Any] = {
     **LLAMA_3_1_8B, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "bos_token_id": 1, "eos_token_id": [2],
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+    "bos_token_id": 1, "eos_token_id": [2],
 }
 
 SHAPES = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-tiny": LLAMA_TINY}
