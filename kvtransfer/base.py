@@ -271,6 +271,7 @@ class KVTransport(ABC):
         local_arr = descriptors.as_block_array(local, pool.num_blocks, "local", op is Op.READ)
         remote_arr = descriptors.as_block_array(remote, info.layout.num_blocks, "remote", op is Op.WRITE)
         layer_arr = descriptors.as_layer_array(layers, pool.layout.num_layers)
+        local_arr, remote_arr = descriptors.sort_pairs(local_arr, remote_arr)
         runs = descriptors.coalesce_blocks(local_arr, remote_arr)
         ranges = descriptors.byte_ranges(runs, layer_arr, pool.layout, info.layout)
         return TransferPlan(op, local_arr, remote_arr, layer_arr, ranges)

@@ -68,6 +68,20 @@ def as_layer_array(layers: Sequence[int] | None, num_layers: int) -> np.ndarray:
     return arr
 
 
+def sort_pairs(local: np.ndarray, remote: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order the pairing by local block id (the pairs themselves are kept).
+
+    A pool frees a sequence tail first, so blocks come back to both sides' free lists in
+    descending runs; two such runs pair up block for block but never look "consecutive" in
+    the given order. Sorted, they are ascending runs on both sides and coalesce: on the GPU
+    that is one copy per run per layer instead of one per block (256 per layer for 4K tokens).
+    """
+    if local.shape != remote.shape:
+        raise ValueError(f"{local.size} local blocks paired with {remote.size} remote blocks")
+    order = np.argsort(local, kind="stable")
+    return local[order], remote[order]
+
+
 def coalesce_blocks(local_blocks: BlockIds, remote_blocks: BlockIds) -> BlockRuns:
     """Split the pairing ``local_blocks[i] ↔ remote_blocks[i]`` into maximal runs, order kept."""
     local = np.asarray(local_blocks, dtype=np.int64).reshape(-1)

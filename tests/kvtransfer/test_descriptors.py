@@ -15,6 +15,7 @@ from kvtransfer.descriptors import (
     byte_ranges,
     coalesce_blocks,
     merge_adjacent,
+    sort_pairs,
 )
 
 LOCAL = KVLayout(num_layers=3, num_blocks=10, num_kv_heads=2, block_size=4, head_dim=8, dtype=torch.float16)
@@ -91,3 +92,12 @@ def test_byte_ranges_refuses_different_block_bytes() -> None:
 def test_block_indices_layer_major() -> None:
     idx = block_indices(np.array([3, 1]), np.array([0, 2]), num_blocks=10)
     assert idx.tolist() == [3, 1, 23, 21] and idx.dtype == np.int32
+
+
+def test_sorted_pairs_turn_descending_runs_into_one_descriptor() -> None:
+    # what two pools hand out after a sequence was freed tail first on both sides
+    local, remote = np.array([7, 6, 5, 4, 9]), np.array([15, 14, 13, 12, 3])
+    assert len(runs_of(local.tolist(), remote.tolist())) == 5
+    lo, ro = sort_pairs(local, remote)
+    assert dict(zip(lo.tolist(), ro.tolist())) == dict(zip(local.tolist(), remote.tolist()))
+    assert runs_of(lo.tolist(), ro.tolist()) == [(4, 12, 4), (9, 3, 1)]
