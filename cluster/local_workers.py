@@ -65,7 +65,9 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         cmd = [sys.executable, "-m", "cluster.worker_main", "--spec", self.spec.to_json()]
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT)
+            # own session: a terminal's Ctrl-C goes to the launcher, which stops workers in order
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT,
+                                          start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float = 300.0) -> WorkerProcess:

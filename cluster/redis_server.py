@@ -7,7 +7,10 @@ one. It binds to localhost on a free port so several clusters (or test runs) coe
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -18,6 +21,13 @@ from types import TracebackType
 import redis
 
 from engine.errors import SplitserveError
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class RedisServerError(SplitserveError):
@@ -76,7 +86,8 @@ class EmbeddedRedis:
             ]  # fmt: skip
             log = Path(self._dir.name) / "redis.log"
             with log.open("wb") as out:
-                self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+                self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                              preexec_fn=_die_with_parent)
             if self._wait_ready(port):
                 self.port = port
                 return self

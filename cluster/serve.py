@@ -261,12 +261,11 @@ class LocalCluster:
 
     # ---- stop ---------------------------------------------------------------------------------
 
-    def stop(self, grace_s: float = 15.0, workers_signalled: bool = False) -> None:
+    def stop(self, grace_s: float = 15.0) -> None:
         """Router, then workers (SIGTERM, SIGKILL after ``grace_s``), then Redis. Idempotent.
 
-        ``workers_signalled``: the workers got the signal themselves (Ctrl-C in a terminal goes
-        to the whole foreground process group), so they are given a moment to finish their own
-        clean stop first: a second signal during their interpreter shutdown would kill them.
+        Workers and redis-server run in sessions of their own, so a Ctrl-C in the terminal
+        reaches only this launcher, which then stops them in this order, each exactly once.
         """
         if not self._started:
             return
@@ -279,10 +278,6 @@ class LocalCluster:
                 self._server.force_exit = True
                 self._thread.join(5.0)
         workers, self.workers = self.workers, []
-        if workers_signalled:
-            deadline = time.monotonic() + 5.0
-            while any(w.alive() for w in workers) and time.monotonic() < deadline:
-                time.sleep(0.05)
         if workers:
             with ThreadPoolExecutor(len(workers)) as pool:  # in parallel: each may take its grace period
                 codes = list(pool.map(lambda w: w.stop(grace_s), workers))
@@ -359,7 +354,7 @@ def serve(config_path: str | Path | None) -> int:
         _watch(cluster, stop)
         return 0
     finally:
-        cluster.stop(workers_signalled=bool(received) and received[0] == signal.SIGINT)
+        cluster.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

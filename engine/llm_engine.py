@@ -6,15 +6,15 @@ The step is the three-line loop: schedule -> execute -> update. Workers reuse th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from engine.kv_cache_pool import KVCachePool, KVLayout
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, StepResult
@@ -221,9 +221,10 @@ def _record_logprobs(seqs: dict[str, Sequence], result: StepResult) -> None:
 
 
 def _try_tokenizer(model: str) -> Tokenizer | None:
+    """A random-weights run may have only config.json; a broken tokenizer file still raises."""
     try:
         return load_tokenizer(Path(model))
-    except Exception:  # a random-weights run may have only config.json
+    except ModelNotFoundError:
         return None
 
 

@@ -104,7 +104,9 @@ def _gone(procs: list[psutil.Process], timeout: float = 10.0) -> list[psutil.Pro
     return alive
 
 
-def test_serve_prints_ready_serves_and_sigterm_leaves_nothing(make_serve: MakeServe) -> None:
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_serve_prints_ready_serves_and_stops_leaving_nothing(make_serve: MakeServe, how: str) -> None:
+    """SIGTERM to the launcher, or Ctrl-C as a terminal sends it: SIGINT to the whole group."""
     port = free_port()
     serve = make_serve(f"router:\n  host: 127.0.0.1\n  port: {port}\n")
     listening = serve.wait_line(r"router listening on")
@@ -122,7 +124,10 @@ def test_serve_prints_ready_serves_and_sigterm_leaves_nothing(make_serve: MakeSe
     )
     assert "Paris" in r.choices[0].message.content
 
-    serve.proc.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        serve.proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(serve.proc.pid, signal.SIGINT)
     assert serve.proc.wait(timeout=60) == 0, serve.stderr()
     assert not _gone(children), f"left running: {children}\n{serve.stderr()}"
     assert not serve.marked()
@@ -135,4 +140,16 @@ def test_failed_startup_leaves_nothing(make_serve: MakeServe) -> None:
     code = serve.proc.wait(timeout=240)
     assert code == 1, serve.stderr()
     assert "error:" in serve.stderr() and "mpi" in serve.stderr()
+    assert not serve.marked()
+
+
+def test_sigkill_of_the_launcher_leaves_nothing(make_serve: MakeServe) -> None:
+    """No clean stop at all: workers watch their parent, redis-server has a parent-death signal."""
+    serve = make_serve(f"router:\n  port: {free_port()}\n")
+    serve.wait_line(r"^ready$")
+    children = serve.descendants()
+    assert len(children) >= 3
+    serve.proc.kill()
+    serve.proc.wait()
+    assert not _gone(children, timeout=30), f"left running: {[p.cmdline() for p in children if p.is_running()]}"
     assert not serve.marked()

@@ -100,7 +100,8 @@ def test_chunked_prefill_and_preemption_give_same_tokens(smollm2_path, llm: LLM)
     params = SamplingParams(max_tokens=40, temperature=0.0)
     prompts = [_chat(c * 3) for c in CHATS]
     expected = [o.token_ids for o in llm.generate(prompts, params)]
-    tight = LLM(smollm2_path, max_model_len=1024, max_num_batched_tokens=32, num_kv_blocks=20,
+    # 16 blocks of 16: every prompt (45..57 tokens + 40 new) fits alone, all six together do not
+    tight = LLM(smollm2_path, max_model_len=1024, max_num_batched_tokens=32, num_kv_blocks=16,
                 enable_prefix_caching=False)
     got = [o.token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0
