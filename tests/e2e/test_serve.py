@@ -214,7 +214,8 @@ def _bounded(case: Any) -> Any:
         for key in ("max_tokens", "max_completion_tokens"):
             if isinstance(body.get(key), int) and body[key] > 4:
                 body[key] = 4
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
+        # absent or null means "up to max_model_len": thousands of CPU decode steps, not a bug
+        if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
             body["max_tokens"] = 4
         if isinstance(body.get("n"), int) and body["n"] > 2:
             body["n"] = 2
