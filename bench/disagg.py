@@ -108,6 +108,7 @@ def main() -> int:
         summary = {
             "prompt_len": args.prompt_len,
             "kv_bytes_per_prompt": nbytes // args.reps,
+            "descriptors_per_prompt": (p.kv_push_descriptors - base_p.kv_push_descriptors) / args.reps,
             "ttft_disagg_ms_p50": med["ttft_disagg_ms"],
             "ttft_prefill_alone_ms_p50": med["ttft_prefill_alone_ms"],
             "overhead_pct_p50": 100 * (med["ttft_disagg_ms"] / med["ttft_prefill_alone_ms"] - 1),

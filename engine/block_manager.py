@@ -17,6 +17,11 @@ Ordering (tests assert exact ids, so it is part of the contract):
 * ``free`` releases a table tail-first: the last block of a sequence reaches the free list / LRU
   before its first block, so under memory pressure the tail of a cached prefix is evicted
   before its head (a chained hash is useless without its parents).
+* The blocks one allocation takes (chosen by the two rules above) enter the table in ascending
+  id order. Tail-first release hands blocks back in descending runs; placed as taken, a
+  recycled sequence would pair block for block with a fresh one on its KV transfer peer in
+  opposite directions, and every block would become its own copy (8192 for a 4K-token prompt
+  of Llama-3.1-8B instead of 32). Ascending on both sides, the runs coalesce.
 
 A block's hash is registered only by ``commit``, i.e. once its KV is computed (or has landed
 from a prefill worker); a prefix hit can therefore never point at a block still being written.
@@ -299,6 +304,7 @@ class BlockManager:
             out.append(b)
         if evicted:
             self._events.append(KVEvent("removed", tuple(evicted)))
+        out.sort()
         return out
 
     def _get(self, seq_id: SeqId) -> _SeqBlocks:

@@ -54,7 +54,12 @@ class PushPlan:
     upto: int  # target.next_block after this step
     completes: bool  # the prompt finishes here: the last layer goes with the notification
     handles: list[Any] = field(default_factory=list)
+    descriptors: int = 0  # copies the transport issued for this plan (coalesced block runs x layers)
     error: str = ""
+
+    def issued(self, handle: Any) -> None:
+        self.handles.append(handle)
+        self.descriptors += getattr(handle, "num_descriptors", 0)
 
 
 def plan_step(target: PushTarget, table: list[int], end: int, prompt_len: int, block_size: int) -> PushPlan:
@@ -108,8 +113,7 @@ class LayerPusher:
             try:
                 if not self.first_write_at:
                     self.first_write_at = time.perf_counter()
-                handle = self.transport.write_blocks(p.target.peer, p.local, p.remote, layers=[layer])
-                p.handles.append(handle)
+                p.issued(self.transport.write_blocks(p.target.peer, p.local, p.remote, layers=[layer]))
             except Exception as e:  # peer gone, bad descriptor: this sequence fails, others go on
                 p.error = f"KV write to {p.target.peer} failed: {e}"
 
@@ -120,11 +124,14 @@ class PushStats:
 
     def __init__(self, window: int = 1024) -> None:
         self.bytes = 0
+        self.descriptors = 0
         self.seconds = 0.0
         self._tails: deque[float] = deque(maxlen=window)
 
-    def record(self, nbytes: int, first_write_at: float, computed_at: float, landed_at: float) -> None:
+    def record(self, nbytes: int, descriptors: int, first_write_at: float, computed_at: float,
+               landed_at: float) -> None:
         self.bytes += nbytes
+        self.descriptors += descriptors
         self.seconds += landed_at - (first_write_at or computed_at)
         self._tails.append(landed_at - computed_at)
 

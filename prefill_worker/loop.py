@@ -49,6 +49,7 @@ class PrefillSnapshot:
     leased: dict[str, tuple[float, list[str]]] | None = None  # decode address -> (lease_s, request ids)
     integrity_error: str = ""  # BlockManager.check_integrity() when last idle; "" = fine
     kv_bytes_pushed: int = 0
+    kv_push_descriptors: int = 0
     kv_push_seconds: float = 0.0  # summed per step: first write issued -> last write landed
     kv_push_tail_ms_p50: float = 0.0  # per step: compute+sample done -> last write landed
 
@@ -220,7 +221,8 @@ class PrefillLoop:
         pushed = sum(len(p.local) for p in plans if not p.error)
         if pushed:
             layout = pool.layout
-            self._push.record(pushed * layout.block_bytes_per_layer * layout.num_layers, pusher.first_write_at,
+            self._push.record(pushed * layout.block_bytes_per_layer * layout.num_layers,
+                              sum(p.descriptors for p in plans if not p.error), pusher.first_write_at,
                               computed, time.perf_counter())
         self.engine.scheduler.update_from_output(sched, result.tokens())  # commit: blocks become cached
         self._drop_broken_peers()
@@ -257,7 +259,7 @@ class PrefillLoop:
                 s.seq.num_cached_tokens, time.time(),
             )
             try:
-                plan.handles.append(self.transport.write_blocks(
+                plan.issued(self.transport.write_blocks(
                     plan.target.peer, plan.local, plan.remote, layers=[last],
                     notify=prefill_notify.encode(note),
                 ))
@@ -323,6 +325,7 @@ class PrefillLoop:
             leased=leased,
             integrity_error=self._integrity_error,
             kv_bytes_pushed=self._push.bytes,
+            kv_push_descriptors=self._push.descriptors,
             kv_push_seconds=self._push.seconds,
             kv_push_tail_ms_p50=self._push.tail_ms_p50(),
         )

@@ -91,6 +91,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             prompt_tokens_computed=s.prompt_tokens_computed, prompt_tokens_cached=s.prompt_tokens_cached,
             agent_name=self.agent_name, transport_metadata=self.metadata, compat_key=self.compat_key,
             integrity_error=s.integrity_error, kv_bytes_pushed=s.kv_bytes_pushed,
+            kv_push_descriptors=s.kv_push_descriptors,
             kv_push_seconds=s.kv_push_seconds, kv_push_tail_ms_p50=s.kv_push_tail_ms_p50,
         )
 

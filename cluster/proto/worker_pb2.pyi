@@ -167,7 +167,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "pool", "num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "queued_prefill_tokens", "prompt_tokens_computed", "prompt_tokens_cached", "agent_name", "transport_metadata", "compat_key", "handover_p50_ms", "handover_max_ms", "num_handovers", "decode_step_p50_ms", "num_preemptions", "num_leases", "integrity_error", "kv_bytes_pushed", "kv_push_seconds", "kv_push_tail_ms_p50")
+    __slots__ = ("worker_id", "pool", "num_total_blocks", "num_free_blocks", "num_running", "num_waiting", "queued_prefill_tokens", "prompt_tokens_computed", "prompt_tokens_cached", "agent_name", "transport_metadata", "compat_key", "handover_p50_ms", "handover_max_ms", "num_handovers", "decode_step_p50_ms", "num_preemptions", "num_leases", "integrity_error", "kv_bytes_pushed", "kv_push_seconds", "kv_push_tail_ms_p50", "kv_push_descriptors")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     NUM_TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,7 @@ class WorkerStatus(_message.Message):
     KV_BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     KV_PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_PUSH_TAIL_MS_P50_FIELD_NUMBER: _ClassVar[int]
+    KV_PUSH_DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     pool: str
     num_total_blocks: int
@@ -212,4 +213,5 @@ class WorkerStatus(_message.Message):
     kv_bytes_pushed: int
     kv_push_seconds: float
     kv_push_tail_ms_p50: float
-    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., agent_name: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., compat_key: _Optional[str] = ..., handover_p50_ms: _Optional[float] = ..., handover_max_ms: _Optional[float] = ..., num_handovers: _Optional[int] = ..., decode_step_p50_ms: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., kv_bytes_pushed: _Optional[int] = ..., kv_push_seconds: _Optional[float] = ..., kv_push_tail_ms_p50: _Optional[float] = ...) -> None: ...
+    kv_push_descriptors: int
+    def __init__(self, worker_id: _Optional[str] = ..., pool: _Optional[str] = ..., num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_prefill_tokens: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., prompt_tokens_cached: _Optional[int] = ..., agent_name: _Optional[str] = ..., transport_metadata: _Optional[bytes] = ..., compat_key: _Optional[str] = ..., handover_p50_ms: _Optional[float] = ..., handover_max_ms: _Optional[float] = ..., num_handovers: _Optional[int] = ..., decode_step_p50_ms: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., num_leases: _Optional[int] = ..., integrity_error: _Optional[str] = ..., kv_bytes_pushed: _Optional[int] = ..., kv_push_seconds: _Optional[float] = ..., kv_push_tail_ms_p50: _Optional[float] = ..., kv_push_descriptors: _Optional[int] = ...) -> None: ...

@@ -49,8 +49,24 @@ def test_fresh_blocks_are_fifo_from_lowest_ids() -> None:
     assert bm.block_table("b") == [3, 4]
     bm.free("a")  # tail first: 2, 1, 0 join the free list after 5, 6, 7
     bm.allocate("c", list(range(200, 216)))
-    assert bm.block_table("c") == [5, 6, 7, 2]
+    assert bm.block_table("c") == [2, 5, 6, 7]  # takes 5, 6, 7, 2; placed in ascending order
     assert bm.num_free_blocks == 2
+    bm.check_integrity()
+
+
+def test_recycled_blocks_form_ascending_runs() -> None:
+    """What a KV transfer needs: a sequence that reuses a freed one's blocks gets them as one
+    ascending run (freed tail first, they come back descending), so it pairs with a fresh
+    run on the peer as one descriptor per layer, not one per block."""
+    bm = BlockManager(30, 4, watermark=0, enable_prefix_caching=False)
+    bm.allocate("a", list(range(40)))  # blocks 0..9
+    bm.allocate("b", list(range(80)))  # blocks 10..29: the pool is full
+    bm.free("b")  # back as 29, 28, ..., 10
+    bm.allocate("c", list(range(48)))
+    assert bm.block_table("c") == list(range(18, 30))
+    bm.free("a")
+    bm.allocate("d", list(range(64)))  # b's 10..17, then a's 9..2
+    assert bm.block_table("d") == list(range(2, 18))
     bm.check_integrity()
 
 
@@ -107,8 +123,8 @@ def test_lru_evicts_oldest_and_a_tables_tail_first() -> None:
     assert bm.block_table("a") == [0, 1, 2]
     bm.free("a")  # block 2 (unhashed) -> free list; 1 then 0 -> LRU
     bm.allocate("b", [9] * 8)
-    assert bm.block_table("b") == [3, 2, 1, 0]  # free list first, then LRU oldest-first
-    assert bm.drain_events() == [KVEvent("removed", (h1, h0))]
+    assert bm.block_table("b") == [0, 1, 2, 3]
+    assert bm.drain_events() == [KVEvent("removed", (h1, h0))]  # free list first, then LRU oldest-first
     bm.free("b")
     assert bm.num_free_blocks == 4 and bm.num_cached_free_blocks == 0
 
@@ -126,7 +142,7 @@ def test_lru_order_follows_release_and_hits_refresh() -> None:
     assert bm.block_table("x2") == [0, 1]
     bm.free("x2")  # LRU now: 2, 0 -- block 0 was used more recently
     bm.allocate("z", [5] * 6)
-    assert bm.block_table("z") == [3, 1, 2]
+    assert bm.block_table("z") == [1, 2, 3]  # free 1, 3, then the LRU's oldest: 2 (not 0)
     assert bm.drain_events()[-1] == KVEvent("removed", tuple(prompt_block_hashes(y, 2)))
     assert bm.num_cached_tokens(x) == 2 and bm.num_cached_tokens(y) == 0
 
