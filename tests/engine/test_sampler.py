@@ -49,6 +49,15 @@ def test_top_k_1_is_greedy() -> None:
     assert torch.equal(out.token_ids, logits.argmax(-1))
 
 
+def test_top_p_below_float32_resolution_keeps_the_top_token() -> None:
+    """top_p=1e-300 rounds to 0.0 in float32; it must mean "the top token", not crash the batch
+    (found by fuzzing the served API: one such request failed every stream on its worker)."""
+    logits = _logits(4, 50, seed=2)
+    params = [SamplingParams(temperature=1.0, top_p=1e-300, seed=i) for i in range(4)]
+    out = Sampler(seed=0)(logits, _batch(params))
+    assert torch.equal(out.token_ids, logits.argmax(-1))
+
+
 PROBS = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
 FILTER_CASES = [
     (SamplingParams(top_k=3), {0, 1, 2}),
