@@ -13,7 +13,7 @@ and read back from the workers' ``Status``: bytes pushed and the push window (->
 push *tail* after compute (what the transfer adds to TTFT), and the decode hand-over vs one
 decode step. Greedy tokens of both paths must agree.
 
-    python -m bench.disagg [--backend nixl] [--prompt-len 4096] [--reps 5] [--out DIR]
+    python -m bench.disagg [--backend nixl] [--prompt-len 4096] [--reps 5] [--decode-device cuda:1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ TOKEN = "bench-token"
 
 
 def _spec(role: str, model: Path, args: argparse.Namespace) -> WorkerSpec:
+    device = args.decode_device if role == "decode" and args.decode_device else args.device
     return WorkerSpec(
-        role=role, model=str(model), dtype=args.dtype, device=args.device, random_weights=True, seed=0,
+        role=role, model=str(model), dtype=args.dtype, device=device, random_weights=True, seed=0,
         block_size=args.block_size, num_kv_blocks=args.num_blocks, max_model_len=2 * args.prompt_len + 64,
         max_num_batched_tokens=args.prompt_len, max_num_seqs=16, transport=args.backend,
         enable_prefix_caching=False,  # every rep computes its whole prompt
@@ -70,6 +71,7 @@ def main() -> int:
     ap.add_argument("--num-blocks", type=int, default=2048)
     ap.add_argument("--shape", default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--decode-device", default="", help="e.g. cuda:1: the pair on two GPUs")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp")))
     args = ap.parse_args()
