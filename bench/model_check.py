@@ -24,6 +24,11 @@ from engine import LLM, SamplingParams
 from kernels.ops import force_reference
 
 
+def _top2_gap(top: dict[int, float]) -> float:
+    best = sorted(top.values(), reverse=True)
+    return best[0] - best[1] if len(best) > 1 else 0.0
+
+
 def _run(llm: LLM, prompts: list[list[int]], tokens: int) -> tuple[list[list[int]], list[list[float]], float]:
     """Greedy tokens, and per step the top-1 minus top-2 logprob (how close the call was)."""
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=2)
@@ -34,8 +39,7 @@ def _run(llm: LLM, prompts: list[list[int]], tokens: int) -> tuple[list[list[int
     margins = []
     for o in outs:
         tops = o.outputs[0].top_logprobs or []
-        margins.append([(lambda v: v[0] - v[1])(sorted(d.values(), reverse=True)) if len(d) > 1 else 0.0
-                        for d in tops])
+        margins.append([_top2_gap(d) for d in tops])
     return [o.token_ids for o in outs], margins, time.perf_counter() - t0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from cluster.grpc_auth import CHANNEL_OPTIONS, TokenInterceptor
+from cluster.worker_agent import attach_worker_agent, load_from_snapshot
 from cluster.worker_spec import WorkerSpec
 from engine.config import parse_dtype
 from engine.kv_cache_pool import KVCachePool, KVLayout
@@ -99,3 +100,16 @@ def open_transport(spec: WorkerSpec, agent_name: str, token: str, pool: KVCacheP
         transport.close()
         raise
     return transport
+
+
+def join_control_plane(worker: RunningWorker, spec: WorkerSpec, engine: Any, loop: Any) -> None:
+    """Last step of a worker's start-up (so the router never routes to a worker that is not
+    serving yet): register with the launcher's control plane, if it gave one, and from then on
+    report the loop's load and KV events there. ``engine`` is its `LLMEngine`, ``loop`` its
+    engine thread (``snapshot()`` and ``kv_events``)."""
+    attach_worker_agent(
+        worker, pool=spec.role, num_blocks=engine.blocks.num_total_blocks, block_size=spec.block_size,
+        load=lambda: load_from_snapshot(loop.snapshot()), kv_events=loop.kv_events,
+        max_num_seqs=spec.max_num_seqs, max_batched_tokens=spec.max_num_batched_tokens,
+        transport={"backend": spec.transport},
+    )

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster import prefill_notify
+from cluster.engine_loop import IdleIntegrityCheck, drain_inbox
 from cluster.worker_agent import KVEventRelay
 from decode_worker.leases import LeaseTable
 from decode_worker.messages import (
@@ -91,9 +92,8 @@ class DecodeLoop:
         self._attempts = itertools.count()
         self._deadlines: dict[str, float] = {}
         self._tokens_computed = 0
-        self._last_integrity = 0.0
+        self._integrity = IdleIntegrityCheck(cfg.integrity_every_s)
         self._last_publish = 0.0
-        self._integrity_error = ""
         self.kv_events = KVEventRelay()
         self._snapshot = DecodeSnapshot()
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
@@ -126,7 +126,7 @@ class DecodeLoop:
     def _run(self) -> None:
         while True:
             try:
-                msgs = self._drain(self._wait_time())
+                msgs = drain_inbox(self.inbox, self._wait_time())
                 if any(isinstance(m, StopMsg) for m in msgs):
                     self._shutdown()
                     return
@@ -148,16 +148,6 @@ class DecodeLoop:
         if self.leases:
             return self.cfg.notify_poll_s
         return self.cfg.idle_wait_s
-
-    def _drain(self, timeout: float) -> list[InboxMsg]:
-        msgs: list[InboxMsg] = []
-        try:
-            msgs.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
-            while True:
-                msgs.append(self.inbox.get_nowait())
-        except queue.Empty:
-            pass
-        return msgs
 
     def _handle(self, m: InboxMsg) -> None:
         if isinstance(m, NewRequest):
@@ -375,13 +365,7 @@ class DecodeLoop:
         if not idle and now - self._last_publish < self.cfg.publish_every_s:
             return
         self._last_publish = now
-        if idle and now - self._last_integrity >= self.cfg.integrity_every_s:
-            self._last_integrity = now
-            try:
-                blocks.check_integrity()
-                self._integrity_error = ""
-            except AssertionError as e:
-                self._integrity_error = str(e)
+        integrity_error = self._integrity.maybe_run(blocks, idle)
         self._snapshot = DecodeSnapshot(
             num_total_blocks=blocks.num_total_blocks,
             num_free_blocks=blocks.num_free_blocks,
@@ -392,5 +376,5 @@ class DecodeLoop:
             prompt_tokens_cached=blocks.num_hit_tokens,
             prompt_tokens_computed=self._tokens_computed,
             timings=self.timings.summary(),
-            integrity_error=self._integrity_error,
+            integrity_error=integrity_error,
         )

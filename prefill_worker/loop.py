@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster import prefill_notify
+from cluster.engine_loop import IdleIntegrityCheck, drain_inbox
 from cluster.worker_agent import KVEventRelay
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepResult
@@ -77,8 +78,7 @@ class PrefillLoop:
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self._tokens_computed = 0
         self._push = PushStats()
-        self._last_integrity = 0.0
-        self._integrity_error = ""
+        self._integrity = IdleIntegrityCheck()
         self.kv_events = KVEventRelay()
         self._snapshot = PrefillSnapshot()
         self._thread = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
@@ -118,7 +118,7 @@ class PrefillLoop:
     def _run(self) -> None:
         while True:
             busy = self.engine.scheduler.has_unfinished()
-            msgs = self._drain(0.0 if busy else 0.05)
+            msgs = drain_inbox(self.inbox, 0.0 if busy else 0.05)
             if any(isinstance(m, StopMsg) for m in msgs):
                 self._shutdown()
                 return
@@ -133,16 +133,6 @@ class PrefillLoop:
                     for rid in list(self._jobs):
                         self._fail(rid, "prefill worker error (see its log)")
             self._publish()
-
-    def _drain(self, timeout: float) -> list[InboxMsg]:
-        msgs: list[InboxMsg] = []
-        try:
-            msgs.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
-            while True:
-                msgs.append(self.inbox.get_nowait())
-        except queue.Empty:
-            pass
-        return msgs
 
     def _handle(self, m: InboxMsg) -> None:
         if isinstance(m, Handshake):
@@ -306,14 +296,7 @@ class PrefillLoop:
             ids.append(rid)
             leased[j.job.decode_address] = (min(lease, j.job.lease_s), ids)
             queued += j.seq.num_prompt_tokens - j.seq.num_computed_tokens
-        now = time.monotonic()
-        if not self._jobs and now - self._last_integrity >= 0.5:
-            self._last_integrity = now
-            try:
-                blocks.check_integrity()
-                self._integrity_error = ""
-            except AssertionError as e:
-                self._integrity_error = str(e)
+        integrity_error = self._integrity.maybe_run(blocks, idle=not self._jobs)
         self._snapshot = PrefillSnapshot(
             num_total_blocks=blocks.num_total_blocks,
             num_free_blocks=blocks.num_free_blocks,
@@ -323,7 +306,7 @@ class PrefillLoop:
             prompt_tokens_computed=self._tokens_computed,
             prompt_tokens_cached=blocks.num_hit_tokens,
             leased=leased,
-            integrity_error=self._integrity_error,
+            integrity_error=integrity_error,
             kv_bytes_pushed=self._push.bytes,
             kv_push_descriptors=self._push.descriptors,
             kv_push_seconds=self._push.seconds,

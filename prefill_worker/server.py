@@ -16,8 +16,14 @@ import grpc
 from cluster.proto import worker_pb2 as pb
 from cluster.proto import worker_pb2_grpc as pb_grpc
 from cluster.wire import params_from_proto
-from cluster.worker_agent import attach_worker_agent, load_from_snapshot
-from cluster.worker_runtime import RunningWorker, bind_server, compat_text, open_transport, worker_id_for
+from cluster.worker_runtime import (
+    RunningWorker,
+    bind_server,
+    compat_text,
+    join_control_plane,
+    open_transport,
+    worker_id_for,
+)
 from cluster.worker_spec import WorkerSpec
 from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.llm_engine import LLMEngine
@@ -118,11 +124,6 @@ def start_prefill_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     worker.on_stop(renewer.stop)
     server.start()
     worker.on_stop(lambda: server.stop(grace=1.0).wait())
-    attach_worker_agent(
-        worker, pool="prefill", num_blocks=engine.blocks.num_total_blocks, block_size=spec.block_size,
-        load=lambda: load_from_snapshot(loop.snapshot()), kv_events=loop.kv_events,
-        max_num_seqs=spec.max_num_seqs, max_batched_tokens=spec.max_num_batched_tokens,
-        transport={"backend": spec.transport},
-    )
+    join_control_plane(worker, spec, engine, loop)
     log.info("prefill worker %s serving on %s (transport %s)", worker_id, address, spec.transport)
     return worker

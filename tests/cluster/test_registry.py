@@ -15,12 +15,6 @@ from cluster.redis_server import EmbeddedRedis
 from cluster.registry import ControlPlane, open_control_plane
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as r:
-        yield r
-
-
 @pytest.fixture
 def cp(server: EmbeddedRedis, request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     plane = ControlPlane.from_url(server.url, namespace=f"t-{request.node.name}", ttl_s=5.0)

@@ -27,12 +27,6 @@ from cluster.worker_agent import (
 from engine.block_manager import KVEvent as EngineEvent
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as r:
-        yield r
-
-
 @pytest.fixture
 def cp(server: EmbeddedRedis, request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     plane = ControlPlane.from_url(server.url, namespace=f"t-{request.node.name}", ttl_s=1.0)
