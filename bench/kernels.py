@@ -232,9 +232,10 @@ def _context_cell(batch: int, q_len: int, prefix: int, matmul_flops: float, conf
     seq_lens = torch.full((batch,), seq, device="cuda", dtype=torch.int32)
     flops = 4 * D * HQ * batch * sum(range(prefix + 1, seq + 1))  # causal: query i sees i+1 keys
 
-    def run(cfg: K.ContextConfig | None, q=q, kv=kv, tables=tables, qsl=qsl, seq_lens=seq_lens, q_len=q_len):
+    def run(cfg: K.ContextConfig | None, q=q, kv=kv, tables=tables, qsl=qsl, seq_lens=seq_lens, q_len=q_len,
+            split_probs: bool | None = None):
         return K.paged_context_attention(
-            q, kv, tables, qsl, seq_lens, D**-0.5, max_query_len=q_len, config=cfg
+            q, kv, tables, qsl, seq_lens, D**-0.5, max_query_len=q_len, config=cfg, split_probs=split_probs
         )
 
     ref = reference.paged_context_attention(q[:q_len], kv, tables[:1], qsl[:2], seq_lens[:1], D**-0.5)
@@ -255,6 +256,9 @@ def _context_cell(batch: int, q_len: int, prefix: int, matmul_flops: float, conf
             best = (name, t)
     if best:
         row.update(best_cfg=best[0], best_TFs=flops / best[1] / 1e9)
+    # what the float32-grade probabilities cost (kernels.pv_product): the default config with P rounded
+    t = time_ms(lambda: run(None, split_probs=False))
+    row.update(rounded_TFs=flops / t / 1e9, rounded_err=rel_err(run(None, split_probs=False)[:q_len], ref))
     row["ours_vs_matmul"] = row.get("ours_TFs", 0) * 1e12 / matmul_flops
     if prefix == 0:  # SDPA has no paged prefix; compare on fresh prompts only
         qd = q.view(batch, q_len, HQ, D).transpose(1, 2).contiguous()
@@ -291,7 +295,12 @@ def bench_context(matmul_flops: float, configs: list[K.ContextConfig | None]) ->
 # ---------------------------------------------------------------- main
 
 
-DECODE_VARIANTS = {"auto": {}, "single": {"multi_block": False}, "multi": {"multi_block": True}}
+DECODE_VARIANTS = {
+    "auto": {},
+    "single": {"multi_block": False},
+    "multi": {"multi_block": True},
+    "rounded": {"split_probs": False},  # probabilities rounded to bf16 before P·V (kernels.pv_product)
+}
 # (block_m, block_n, warps, stages); round 1 (kernels-20261122-093117.json) found 128x32w4s4
 # best for short prompts and 128x128w8s3 for long ones; round 2 searches around both
 CONTEXT_SWEEP = [
@@ -370,6 +379,7 @@ TABLE_COLUMNS = {
         "multi_us",
         "multi_speedup",
         "sdpa_us",
+        "rounded_us",
         "auto_bf16dot_us",
     ],
     "context": [
@@ -382,6 +392,7 @@ TABLE_COLUMNS = {
         "sdpa_TFs",
         "ours_vs_sdpa",
         "ours_vs_matmul",
+        "rounded_TFs",
     ],
     "fused": ["op", "ours_us", "GBs", "vs_copy", "torch_us", "err"],
 }

@@ -37,6 +37,7 @@ from kernels.checks import (
     scale_or_one,
     tl_dtype,
 )
+from kernels.pv_product import accumulate_pv
 
 interpreter_compat.apply()
 
@@ -74,7 +75,7 @@ def _attend_tile(
     acc, m_i, l_i, q, kv_head, bt_row, n0, q_pos, seq_len,
     score_scale, stride_kv_blk, stride_kv_kv, stride_kv_slot,
     offs_d, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):  # fmt: skip
     """One key tile of the online softmax; ``MASKED`` adds the causal and length masks."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -101,7 +102,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    acc = accumulate_pv(acc * alpha[:, None], p, v, SPLIT_P, PRECISION)
     return acc, m_new, l_i
 
 
@@ -115,7 +116,7 @@ def _context_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):  # fmt: skip
     m_tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (last) tiles first
     h = tl.program_id(1)
@@ -153,14 +154,14 @@ def _context_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_head, bt_row, n0, q_pos, seq_len,
             score_scale, stride_kv_blk, stride_kv_kv, stride_kv_slot,
-            offs_d, HEAD_DIM, PAGE, BLOCK_N, False, IS_FP8, PRECISION,
+            offs_d, HEAD_DIM, PAGE, BLOCK_N, False, IS_FP8, PRECISION, SPLIT_P,
         )  # fmt: skip
     diag_end = tl.minimum(seq_len, first_row_pos + BLOCK_M)
     for n0 in range(full_end, diag_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, kv_head, bt_row, n0, q_pos, seq_len,
             score_scale, stride_kv_blk, stride_kv_kv, stride_kv_slot,
-            offs_d, HEAD_DIM, PAGE, BLOCK_N, True, IS_FP8, PRECISION,
+            offs_d, HEAD_DIM, PAGE, BLOCK_N, True, IS_FP8, PRECISION, SPLIT_P,
         )  # fmt: skip
 
     if IS_FP8:
@@ -183,11 +184,14 @@ def paged_context_attention(
     *,
     config: ContextConfig | None = None,
     fp8_compute_dtype: torch.dtype | None = None,
+    split_probs: bool | None = None,
 ) -> torch.Tensor:
     """``q: [T, Hq, D]`` new tokens -> ``[T, Hq, D]``; same semantics as ``kernels.reference``.
 
     ``max_query_len`` (the longest chunk, which the scheduler knows) sizes the grid; without it
-    it is read from ``query_start_loc``, a device->host sync.
+    it is read from ``query_start_loc``, a device->host sync. ``split_probs`` (default: on for
+    16-bit products) keeps the probabilities at ~float32 precision in P·V, see
+    `kernels.pv_product`.
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
@@ -237,6 +241,7 @@ def paged_context_attention(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_FP8=is_fp8, DOT_DTYPE=tl_dtype(dot_dtype),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        SPLIT_P=dot_dtype != torch.float32 and split_probs is not False,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

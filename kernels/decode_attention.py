@@ -37,6 +37,7 @@ from kernels.checks import (
     sm_count,
     tl_dtype,
 )
+from kernels.pv_product import accumulate_pv
 
 interpreter_compat.apply()
 
@@ -88,7 +89,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE: tl.constexpr,
-    IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SPLIT_P: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -137,7 +138,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = accumulate_pv(acc * alpha[:, None], p, v, SPLIT_P, PRECISION)
         m_i = m_new
 
     if IS_FP8:
@@ -203,6 +204,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     fp8_compute_dtype: torch.dtype | None = None,
+    split_probs: bool | None = None,
 ) -> torch.Tensor:
     """``q: [B, Hq, D]`` -> ``[B, Hq, D]``; same semantics as ``kernels.reference``.
 
@@ -210,7 +212,9 @@ def paged_decode_attention(
     count, see `decode_num_splits`); ``num_splits`` overrides the count outright.
     ``max_seq_len`` is a host-side bound on ``seq_lens`` (the engine knows it); without it the
     block table's capacity is used, so no device->host sync happens and the call can be
-    captured in a CUDA graph.
+    captured in a CUDA graph. ``split_probs`` (default: on for 16-bit products) keeps the
+    softmax probabilities at ~float32 precision in the P·V product, see `kernels.pv_product`; decode
+    reads bytes, so the extra product costs nothing measurable.
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
@@ -262,6 +266,7 @@ def paged_decode_attention(
         PAGE=page, BLOCK_N=bn, SINGLE=splits == 1,
         IS_FP8=is_fp8, DOT_DTYPE=tl_dtype(dot_dtype),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
+        SPLIT_P=dot_dtype != torch.float32 and split_probs is not False,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:

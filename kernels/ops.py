@@ -7,44 +7,54 @@ workers in one process tree free of shared mutable state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 
 import torch
 
 from kernels import reference
 
-_FORCE_REFERENCE: ContextVar[bool] = ContextVar("splitserve_force_reference", default=False)
+# the ops forced onto their torch twins (None: none); a frozenset so the context var stays immutable
+_FORCE_REFERENCE: ContextVar[frozenset[str] | None] = ContextVar("splitserve_force_reference", default=None)
 
-__all__ = [
-    "force_reference",
+OPS = (
     "paged_context_attention",
     "paged_decode_attention",
     "rms_norm",
     "rope_and_write_kv",
     "silu_mul",
     "write_kv",
-]
+)
+__all__ = ["OPS", "force_reference", *OPS]
 
 
 @contextlib.contextmanager
-def force_reference() -> Iterator[None]:
-    """Run the torch twins even on CUDA tensors (kernel-vs-reference checks of a whole model)."""
-    token = _FORCE_REFERENCE.set(True)
+def force_reference(ops: Iterable[str] | None = None) -> Iterator[None]:
+    """Run the torch twins even on CUDA tensors (kernel-vs-reference checks of a whole model).
+
+    ``ops`` names the ops to force (default: all), so a whole-model difference can be traced
+    to the op that causes it.
+    """
+    names = frozenset(OPS if ops is None else ops)
+    unknown = names - frozenset(OPS)
+    if unknown:
+        raise ValueError(f"force_reference: unknown ops {sorted(unknown)}; known: {list(OPS)}")
+    token = _FORCE_REFERENCE.set(names)
     try:
         yield
     finally:
         _FORCE_REFERENCE.reset(token)
 
 
-def _triton_enabled(t: torch.Tensor) -> bool:
-    return t.is_cuda and not _FORCE_REFERENCE.get()
+def _triton_enabled(t: torch.Tensor, op: str) -> bool:
+    forced = _FORCE_REFERENCE.get()
+    return t.is_cuda and (forced is None or op not in forced)
 
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if _triton_enabled(x):
+    if _triton_enabled(x, "rms_norm"):
         from kernels.triton_ops import rms_norm as k
 
         return k(x, weight, eps, residual)
@@ -52,7 +62,7 @@ def rms_norm(
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
-    if _triton_enabled(x):
+    if _triton_enabled(x, "silu_mul"):
         from kernels.triton_ops import silu_mul as k
 
         return k(x)
@@ -70,7 +80,7 @@ def rope_and_write_kv(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _triton_enabled(q):
+    if _triton_enabled(q, "rope_and_write_kv"):
         from kernels.triton_ops import rope_and_write_kv as kern
 
         return kern(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale)
@@ -87,7 +97,7 @@ def write_kv(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
 ) -> None:
-    if _triton_enabled(k):
+    if _triton_enabled(k, "write_kv"):
         from kernels.triton_ops import write_kv as kern
 
         kern(k, v, kv_layer, slot_mapping, k_scale, v_scale)
@@ -107,7 +117,7 @@ def paged_decode_attention(
     max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """``max_seq_len`` (host int, optional) sizes the multi-block split to the real lengths."""
-    if _triton_enabled(q):
+    if _triton_enabled(q, "paged_decode_attention"):
         from kernels.triton_ops import paged_decode_attention as kern
 
         return kern(
@@ -128,7 +138,7 @@ def paged_context_attention(
     v_scale: torch.Tensor | None = None,
     max_query_len: int | None = None,
 ) -> torch.Tensor:
-    if _triton_enabled(q):
+    if _triton_enabled(q, "paged_context_attention"):
         from kernels.triton_ops import paged_context_attention as kern
 
         return kern(

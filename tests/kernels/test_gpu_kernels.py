@@ -176,3 +176,20 @@ def test_small_ops(dt):
     assert torch.equal(
         K.fp8_quantize(xq, s).view(torch.uint8), reference.fp8_quantize(xq, s).view(torch.uint8)
     )
+
+
+@pytest.mark.parametrize("mb", [False, True])
+def test_bf16_attention_rounds_like_reference(mb):
+    """bf16 outputs equal the reference's own bf16 rounding almost everywhere, the property a
+    bf16 model's greedy identity with the references rests on (`kernels.pv_product`)."""
+    q_lens, lens = [1, 700, 1500, 64], [3000, 700, 1500, 2100]
+    pb = make_paged_batch(q_lens, lens, num_kv_heads=8, group=4, head_dim=128, page=16, dtype=BF16,
+                          device="cuda", seed=SEED)  # fmt: skip
+    q = pb.q * 4  # sharper softmax than unit-variance q gives: larger probabilities to round
+    args = (q, pb.kv_layer, pb.block_tables, pb.query_start_loc, pb.seq_lens, pb.scale)
+    out = K.paged_context_attention(*args, max_query_len=max(q_lens))
+    assert (out != reference.paged_context_attention(*args)).float().mean().item() < 0.01, f"seed {SEED}"
+    last = pb.query_start_loc[1:] - 1  # each sequence's last token, as a decode batch
+    dargs = (q[last.long()], pb.kv_layer, pb.block_tables, pb.seq_lens, pb.scale)
+    out = K.paged_decode_attention(*dargs, multi_block=mb)
+    assert (out != reference.paged_decode_attention(*dargs)).float().mean().item() < 0.01, f"seed {SEED}"

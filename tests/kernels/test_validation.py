@@ -73,3 +73,13 @@ def test_small_ops_reject():
         idx = torch.zeros(3, dtype=torch.int64)
         k = torch.randn(3, 1, 64)
         K.rope_and_write_kv(torch.randn(3, 2, 64), k, k, idx, torch.zeros(10, 32), kv, idx)
+
+
+def test_force_reference_names_unknown_ops():
+    from kernels.ops import OPS, force_reference
+
+    with pytest.raises(ValueError, match="unknown ops"):
+        with force_reference(["rms_norm", "flash_attn"]):
+            pass
+    with force_reference(OPS[:1]):  # a known subset is accepted
+        pass
