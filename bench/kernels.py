@@ -43,9 +43,9 @@ from bench.common import (
     print_table,
 )
 from bench.kernels_fused import bench_fused
-from kernels import reference
-from kernels import triton_ops as K
-from kernels.testing import make_kv_pool, rel_err
+from gpu_kernels import reference
+from gpu_kernels import triton_ops as K
+from gpu_kernels.testing import make_kv_pool, rel_err
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 BF16 = torch.bfloat16
@@ -256,7 +256,7 @@ def _context_cell(batch: int, q_len: int, prefix: int, matmul_flops: float, conf
             best = (name, t)
     if best:
         row.update(best_cfg=best[0], best_TFs=flops / best[1] / 1e9)
-    # what the float32-grade probabilities cost (kernels.pv_product): the default config with P rounded
+    # what the float32-grade probabilities cost (gpu_kernels.pv_product): the default config with P rounded
     t = time_ms(lambda: run(None, split_probs=False))
     row.update(rounded_TFs=flops / t / 1e9, rounded_err=rel_err(run(None, split_probs=False)[:q_len], ref))
     row["ours_vs_matmul"] = row.get("ours_TFs", 0) * 1e12 / matmul_flops
@@ -299,7 +299,7 @@ DECODE_VARIANTS = {
     "auto": {},
     "single": {"multi_block": False},
     "multi": {"multi_block": True},
-    "rounded": {"split_probs": False},  # probabilities rounded to bf16 before P·V (kernels.pv_product)
+    "rounded": {"split_probs": False},  # probabilities rounded to bf16 before P·V (gpu_kernels.pv_product)
 }
 # (block_m, block_n, warps, stages); round 1 (kernels-20261122-093117.json) found 128x32w4s4
 # best for short prompts and 128x128w8s3 for long ones; round 2 searches around both

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import reference
-from kernels import triton_ops as K
-from kernels.testing import rel_err
+from gpu_kernels import reference
+from gpu_kernels import triton_ops as K
+from gpu_kernels.testing import rel_err
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 BF16 = torch.bfloat16

@@ -3,7 +3,7 @@
 Random-weight Llama-3.1-8B shape: greedy tokens with the Triton kernels must equal those with
 the torch references for the first 32 tokens, in float32 and in bf16. Random weights make
 near-ties common (the table shows the smallest top-1/top-2 margin met), so bf16 identity needs
-kernels that round where the references round (see `kernels.pv_product`). Two more bf16 runs
+kernels that round where the references round (see `gpu_kernels.pv_product`). Two more bf16 runs
 explain a difference when there is one: each op alone on its kernel (the others on their
 references), and the attention kernels with the probabilities rounded to bf16 before P·V.
 
@@ -25,8 +25,8 @@ import torch
 from bench.common import print_table, save_result
 from bench.shapes import model_dir
 from engine import LLM, SamplingParams
-from kernels import triton_ops
-from kernels.ops import OPS, force_reference
+from gpu_kernels import triton_ops
+from gpu_kernels.ops import OPS, force_reference
 
 ATTRIBUTED_OPS = [op for op in OPS if op != "write_kv"]  # the model writes KV through rope_and_write_kv
 

@@ -1,6 +1,6 @@
 """The one attention entry point of the model: paged, varlen, causal.
 
-On CUDA this lands in the Triton kernels, on CPU in their torch twins (`kernels.ops`). Decode-only
+On CUDA this lands in the Triton kernels, on CPU in their torch twins (`gpu_kernels.ops`). Decode-only
 batches take the decode kernel (one query per sequence, XQA grouping, multi-block split).
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention_metadata import AttentionMetadata
-from kernels import ops
+from gpu_kernels import ops
 
 
 @dataclass

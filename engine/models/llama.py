@@ -21,8 +21,8 @@ from engine.errors import WeightLoadError
 from engine.layers.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from engine.layers.norm import RMSNorm
 from engine.parallel import SINGLE, ParallelGroup
-from kernels import ops
-from kernels.reference import rope_cos_sin_cache
+from gpu_kernels import ops
+from gpu_kernels.reference import rope_cos_sin_cache
 
 
 class LlamaAttention(nn.Module):

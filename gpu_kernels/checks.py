@@ -118,7 +118,7 @@ def ensure_runnable(t: torch.Tensor) -> None:
     if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             f"tensors on {t.device}: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set "
-            "before triton is imported (use kernels.reference on CPU otherwise)"
+            "before triton is imported (use gpu_kernels.reference on CPU otherwise)"
         )
 
 

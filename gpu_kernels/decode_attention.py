@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
-from kernels.checks import (
+from gpu_kernels import interpreter_compat
+from gpu_kernels.checks import (
     INDEX_DTYPES,
     cdiv,
     check_kv_dtype,
@@ -37,7 +37,7 @@ from kernels.checks import (
     sm_count,
     tl_dtype,
 )
-from kernels.pv_product import accumulate_pv
+from gpu_kernels.pv_product import accumulate_pv
 
 interpreter_compat.apply()
 
@@ -206,14 +206,14 @@ def paged_decode_attention(
     fp8_compute_dtype: torch.dtype | None = None,
     split_probs: bool | None = None,
 ) -> torch.Tensor:
-    """``q: [B, Hq, D]`` -> ``[B, Hq, D]``; same semantics as ``kernels.reference``.
+    """``q: [B, Hq, D]`` -> ``[B, Hq, D]``; same semantics as ``gpu_kernels.reference``.
 
     ``multi_block`` forces the split-K path on/off (None: decided from batch, length and SM
     count, see `decode_num_splits`); ``num_splits`` overrides the count outright.
     ``max_seq_len`` is a host-side bound on ``seq_lens`` (the engine knows it); without it the
     block table's capacity is used, so no device->host sync happens and the call can be
     captured in a CUDA graph. ``split_probs`` (default: on for 16-bit products) keeps the
-    softmax probabilities at ~float32 precision in the P·V product, see `kernels.pv_product`; decode
+    softmax probabilities at ~float32 precision in the P·V product, see `gpu_kernels.pv_product`; decode
     reads bytes, so the extra product costs nothing measurable.
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))

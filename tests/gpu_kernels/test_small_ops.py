@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels import triton_ops as K
-from kernels.testing import case_seed, rel_err
+from gpu_kernels import reference
+from gpu_kernels import triton_ops as K
+from gpu_kernels.testing import case_seed, rel_err
 
 F32, BF16, F16, FP8 = torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn
 LLAMA3_SCALING = {

@@ -2,7 +2,7 @@
 
 Both kernels keep scores and probabilities in float32 but the tensor cores multiply 16-bit
 operands. Rounding the probabilities to bf16 there is what flash-attention kernels usually do;
-it moves each by up to 2**-9 and, against the float32 softmax of `kernels.reference`, flips the
+it moves each by up to 2**-9 and, against the float32 softmax of `gpu_kernels.reference`, flips the
 rounding of a large share of bf16 outputs, so a bf16 model's greedy tokens part from the
 reference's at near-ties. Splitting ``p = hi + lo`` into two bf16 products leaves 2**-17.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
+from gpu_kernels import interpreter_compat
 
 interpreter_compat.apply()
 

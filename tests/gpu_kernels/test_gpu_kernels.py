@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from kernels import reference
-from kernels import triton_ops as K
-from kernels.testing import make_paged_batch, rel_err
+from gpu_kernels import reference
+from gpu_kernels import triton_ops as K
+from gpu_kernels.testing import make_paged_batch, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -181,7 +181,7 @@ def test_small_ops(dt):
 @pytest.mark.parametrize("mb", [False, True])
 def test_bf16_attention_rounds_like_reference(mb):
     """bf16 outputs equal the reference's own bf16 rounding almost everywhere, the property a
-    bf16 model's greedy identity with the references rests on (`kernels.pv_product`)."""
+    bf16 model's greedy identity with the references rests on (`gpu_kernels.pv_product`)."""
     q_lens, lens = [1, 700, 1500, 64], [3000, 700, 1500, 2100]
     pb = make_paged_batch(q_lens, lens, num_kv_heads=8, group=4, head_dim=128, page=16, dtype=BF16,
                           device="cuda", seed=SEED)  # fmt: skip

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels import triton_ops as K
-from kernels.checks import CPU_ASSUMED_SM_COUNT
-from kernels.decode_attention import MIN_TOKENS_PER_SPLIT, decode_num_splits
-from kernels.testing import case_seed, make_paged_batch, rel_err
+from gpu_kernels import reference
+from gpu_kernels import triton_ops as K
+from gpu_kernels.checks import CPU_ASSUMED_SM_COUNT
+from gpu_kernels.decode_attention import MIN_TOKENS_PER_SPLIT, decode_num_splits
+from gpu_kernels.testing import case_seed, make_paged_batch, rel_err
 
 F32, BF16, F16, FP8 = torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn
 

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
-from kernels.checks import (
+from gpu_kernels import interpreter_compat
+from gpu_kernels.checks import (
     FLOAT_DTYPES,
     FP8_DTYPE,
     INDEX_DTYPES,
@@ -28,7 +28,7 @@ from kernels.checks import (
     next_pow2,
     scale_or_one,
 )
-from kernels.quant import quantize_e4m3
+from gpu_kernels.quant import quantize_e4m3
 
 interpreter_compat.apply()
 

@@ -12,7 +12,7 @@ from contextvars import ContextVar
 
 import torch
 
-from kernels import reference
+from gpu_kernels import reference
 
 # the ops forced onto their torch twins (None: none); a frozenset so the context var stays immutable
 _FORCE_REFERENCE: ContextVar[frozenset[str] | None] = ContextVar("splitserve_force_reference", default=None)
@@ -55,7 +55,7 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if _triton_enabled(x, "rms_norm"):
-        from kernels.triton_ops import rms_norm as k
+        from gpu_kernels.triton_ops import rms_norm as k
 
         return k(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
@@ -63,7 +63,7 @@ def rms_norm(
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if _triton_enabled(x, "silu_mul"):
-        from kernels.triton_ops import silu_mul as k
+        from gpu_kernels.triton_ops import silu_mul as k
 
         return k(x)
     return reference.silu_mul(x)
@@ -81,7 +81,7 @@ def rope_and_write_kv(
     v_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if _triton_enabled(q, "rope_and_write_kv"):
-        from kernels.triton_ops import rope_and_write_kv as kern
+        from gpu_kernels.triton_ops import rope_and_write_kv as kern
 
         return kern(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping, k_scale, v_scale)
     return reference.rope_and_write_kv(
@@ -98,7 +98,7 @@ def write_kv(
     v_scale: torch.Tensor | None = None,
 ) -> None:
     if _triton_enabled(k, "write_kv"):
-        from kernels.triton_ops import write_kv as kern
+        from gpu_kernels.triton_ops import write_kv as kern
 
         kern(k, v, kv_layer, slot_mapping, k_scale, v_scale)
         return
@@ -118,7 +118,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """``max_seq_len`` (host int, optional) sizes the multi-block split to the real lengths."""
     if _triton_enabled(q, "paged_decode_attention"):
-        from kernels.triton_ops import paged_decode_attention as kern
+        from gpu_kernels.triton_ops import paged_decode_attention as kern
 
         return kern(
             q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale,
@@ -139,7 +139,7 @@ def paged_context_attention(
     max_query_len: int | None = None,
 ) -> torch.Tensor:
     if _triton_enabled(q, "paged_context_attention"):
-        from kernels.triton_ops import paged_context_attention as kern
+        from gpu_kernels.triton_ops import paged_context_attention as kern
 
         return kern(
             q, kv_layer, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale,

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
-from kernels.checks import FLOAT_DTYPES, cdiv, check_tensor, ensure_runnable
+from gpu_kernels import interpreter_compat
+from gpu_kernels.checks import FLOAT_DTYPES, cdiv, check_tensor, ensure_runnable
 
 interpreter_compat.apply()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels import triton_ops as K
-from kernels.testing import case_seed, make_paged_batch, rel_err
+from gpu_kernels import reference
+from gpu_kernels import triton_ops as K
+from gpu_kernels.testing import case_seed, make_paged_batch, rel_err
 
 F32, BF16, F16, FP8 = torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn
 
@@ -92,7 +92,7 @@ def test_decode_and_context_agree_on_one_token_queries():
 
 def test_bf16_rounds_like_reference():
     """bf16 outputs equal the reference's bf16 rounding almost everywhere (see
-    `kernels.pv_product`); with the probabilities rounded to bf16 before P·V a fifth differ."""
+    `gpu_kernels.pv_product`); with the probabilities rounded to bf16 before P·V a fifth differ."""
     pb = make_paged_batch(
         [20, 25, 15], [150, 77, 190], num_kv_heads=3, group=3, head_dim=64, page=16, dtype=BF16, seed=12
     )

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
-from kernels.checks import FLOAT_DTYPES, check_shape, check_tensor, ensure_runnable, next_pow2
+from gpu_kernels import interpreter_compat
+from gpu_kernels.checks import FLOAT_DTYPES, check_shape, check_tensor, ensure_runnable, next_pow2
 
 interpreter_compat.apply()
 

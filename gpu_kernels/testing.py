@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import fp8_quantize
+from gpu_kernels.reference import fp8_quantize
 
 
 @dataclass

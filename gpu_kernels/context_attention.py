@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
-from kernels.checks import (
+from gpu_kernels import interpreter_compat
+from gpu_kernels.checks import (
     INDEX_DTYPES,
     cdiv,
     check_kv_dtype,
@@ -37,7 +37,7 @@ from kernels.checks import (
     scale_or_one,
     tl_dtype,
 )
-from kernels.pv_product import accumulate_pv
+from gpu_kernels.pv_product import accumulate_pv
 
 interpreter_compat.apply()
 
@@ -186,12 +186,12 @@ def paged_context_attention(
     fp8_compute_dtype: torch.dtype | None = None,
     split_probs: bool | None = None,
 ) -> torch.Tensor:
-    """``q: [T, Hq, D]`` new tokens -> ``[T, Hq, D]``; same semantics as ``kernels.reference``.
+    """``q: [T, Hq, D]`` new tokens -> ``[T, Hq, D]``; same semantics as ``gpu_kernels.reference``.
 
     ``max_query_len`` (the longest chunk, which the scheduler knows) sizes the grid; without it
     it is read from ``query_start_loc``, a device->host sync. ``split_probs`` (default: on for
     16-bit products) keeps the probabilities at ~float32 precision in P·V, see
-    `kernels.pv_product`.
+    `gpu_kernels.pv_product`.
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
