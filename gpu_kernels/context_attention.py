@@ -184,14 +184,14 @@ def paged_context_attention(
     *,
     config: ContextConfig | None = None,
     fp8_compute_dtype: torch.dtype | None = None,
-    split_probs: bool | None = None,
+    split_probs: bool = False,
 ) -> torch.Tensor:
     """``q: [T, Hq, D]`` new tokens -> ``[T, Hq, D]``; same semantics as ``gpu_kernels.reference``.
 
     ``max_query_len`` (the longest chunk, which the scheduler knows) sizes the grid; without it
-    it is read from ``query_start_loc``, a device->host sync. ``split_probs`` (default: on for
-    16-bit products) keeps the probabilities at ~float32 precision in P·V, see
-    `gpu_kernels.pv_product`.
+    it is read from ``query_start_loc``, a device->host sync. ``split_probs=True`` keeps the
+    probabilities at ~float32 precision in P·V (`gpu_kernels.pv_product`); off by default here:
+    prefill is FLOP-bound and the extra product cost 25-45% on H200 (bench/NOTES-kernels.md).
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
@@ -241,7 +241,7 @@ def paged_context_attention(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_FP8=is_fp8, DOT_DTYPE=tl_dtype(dot_dtype),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        SPLIT_P=dot_dtype != torch.float32 and split_probs is not False,
+        SPLIT_P=dot_dtype != torch.float32 and split_probs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
