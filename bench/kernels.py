@@ -233,7 +233,7 @@ def _context_cell(batch: int, q_len: int, prefix: int, matmul_flops: float, conf
     flops = 4 * D * HQ * batch * sum(range(prefix + 1, seq + 1))  # causal: query i sees i+1 keys
 
     def run(cfg: K.ContextConfig | None, q=q, kv=kv, tables=tables, qsl=qsl, seq_lens=seq_lens, q_len=q_len,
-            split_probs: bool | None = None):
+            split_probs: bool = False):
         return K.paged_context_attention(
             q, kv, tables, qsl, seq_lens, D**-0.5, max_query_len=q_len, config=cfg, split_probs=split_probs
         )
@@ -299,7 +299,7 @@ DECODE_VARIANTS = {
     "auto": {},
     "single": {"multi_block": False},
     "multi": {"multi_block": True},
-    "rounded": {"split_probs": False},  # probabilities rounded to bf16 before P·V (gpu_kernels.pv_product)
+    "split": {"split_probs": True},  # float32-grade probabilities in P·V (gpu_kernels.pv_product)
 }
 # (block_m, block_n, warps, stages); round 1 (kernels-20261122-093117.json) found 128x32w4s4
 # best for short prompts and 128x128w8s3 for long ones; round 2 searches around both
@@ -379,7 +379,7 @@ TABLE_COLUMNS = {
         "multi_us",
         "multi_speedup",
         "sdpa_us",
-        "rounded_us",
+        "split_us",
         "auto_bf16dot_us",
     ],
     "context": [

@@ -190,8 +190,8 @@ def paged_context_attention(
 
     ``max_query_len`` (the longest chunk, which the scheduler knows) sizes the grid; without it
     it is read from ``query_start_loc``, a device->host sync. ``split_probs=True`` keeps the
-    probabilities at ~float32 precision in P·V (`gpu_kernels.pv_product`); off by default here:
-    prefill is FLOP-bound and the extra product cost 25-45% on H200 (bench/NOTES-kernels.md).
+    probabilities at ~float32 precision in P·V (`gpu_kernels.pv_product`); off by default: the
+    extra product cost 14-53% of throughput on H200 (bench/NOTES-kernels.md, item 6).
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)

@@ -204,7 +204,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 3,
     fp8_compute_dtype: torch.dtype | None = None,
-    split_probs: bool | None = None,
+    split_probs: bool = False,
 ) -> torch.Tensor:
     """``q: [B, Hq, D]`` -> ``[B, Hq, D]``; same semantics as ``gpu_kernels.reference``.
 
@@ -212,9 +212,9 @@ def paged_decode_attention(
     count, see `decode_num_splits`); ``num_splits`` overrides the count outright.
     ``max_seq_len`` is a host-side bound on ``seq_lens`` (the engine knows it); without it the
     block table's capacity is used, so no device->host sync happens and the call can be
-    captured in a CUDA graph. ``split_probs`` (default: on for 16-bit products) keeps the
-    softmax probabilities at ~float32 precision in the P·V product, see `gpu_kernels.pv_product`; decode
-    reads bytes, so the extra product costs nothing measurable.
+    captured in a CUDA graph. ``split_probs=True`` keeps the softmax probabilities at
+    ~float32 precision in the P·V product (`gpu_kernels.pv_product`); off by default: it cost
+    up to 30% at large batches on H200 (bench/NOTES-kernels.md, item 6).
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
@@ -266,7 +266,7 @@ def paged_decode_attention(
         PAGE=page, BLOCK_N=bn, SINGLE=splits == 1,
         IS_FP8=is_fp8, DOT_DTYPE=tl_dtype(dot_dtype),
         PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",
-        SPLIT_P=dot_dtype != torch.float32 and split_probs is not False,
+        SPLIT_P=dot_dtype != torch.float32 and split_probs,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:

@@ -5,6 +5,10 @@ operands. Rounding the probabilities to bf16 there is what flash-attention kerne
 it moves each by up to 2**-9 and, against the float32 softmax of `gpu_kernels.reference`, flips the
 rounding of a large share of bf16 outputs, so a bf16 model's greedy tokens part from the
 reference's at near-ties. Splitting ``p = hi + lo`` into two bf16 products leaves 2**-17.
+
+Off by default in both kernels: it did not make a random-weight bf16 model's greedy tokens
+identical to the references' (BENCHMARKS.md, model check) and cost up to 30% in decode and
+14-53% in prefill on H200. It stays an option for accuracy studies.
 """
 
 from __future__ import annotations

@@ -91,14 +91,14 @@ def test_decode_and_context_agree_on_one_token_queries():
 
 
 def test_bf16_rounds_like_reference():
-    """bf16 outputs equal the reference's bf16 rounding almost everywhere (see
-    `gpu_kernels.pv_product`); with the probabilities rounded to bf16 before P·V a fifth differ."""
+    """With split probabilities (`gpu_kernels.pv_product`) bf16 outputs equal the reference's
+    bf16 rounding almost everywhere; rounded before P·V (the default) a fifth differ."""
     pb = make_paged_batch(
         [20, 25, 15], [150, 77, 190], num_kv_heads=3, group=3, head_dim=64, page=16, dtype=BF16, seed=12
     )
     args = (pb.q * 3, pb.kv_layer, pb.block_tables, pb.query_start_loc, pb.seq_lens, pb.scale)
     ref = reference.paged_context_attention(*args)
     split = K.paged_context_attention(*args, split_probs=True)
-    rounded = K.paged_context_attention(*args)  # the default: prefill is FLOP-bound
+    rounded = K.paged_context_attention(*args)  # the default
     assert (split != ref).float().mean().item() < 0.01
     assert (rounded != ref).float().mean().item() > 0.05
