@@ -15,12 +15,15 @@ timed on (a few sequences of the batch), so a fast wrong kernel cannot post a nu
 * Context (prefill): TFLOP/s of causal attention against the measured bf16 matmul rate and
   torch SDPA (flash) on the same shapes.
 * Fused ops: GB/s against copy bandwidth, with the torch reference (eager) beside them.
+* Exact numerics (`gpu_kernels.exact_attention`): time against the fast kernels, and whether
+  each gives the reference's bits (exact must; the fast ones are not expected to).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import sys
@@ -45,7 +48,7 @@ from bench.common import (
 from bench.kernels_fused import bench_fused
 from gpu_kernels import reference
 from gpu_kernels import triton_ops as K
-from gpu_kernels.testing import make_kv_pool, rel_err
+from gpu_kernels.testing import make_kv_pool, make_paged_batch, rel_err
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 BF16 = torch.bfloat16
@@ -273,6 +276,39 @@ def _context_cell(batch: int, q_len: int, prefix: int, matmul_flops: float, conf
     return row
 
 
+def bench_exact() -> list[dict]:
+    """What exact numerics (`gpu_kernels.exact_attention`) costs, and that it gives the reference's bits."""
+    rows = []
+    for op, batch, ctx in (("decode", 1, 4096), ("decode", 64, 4096), ("decode", 8, 32768),
+                           ("context", 1, 512), ("context", 1, 2048)):  # fmt: skip
+        row: dict[str, Any] = {"op": op, "batch": batch, "ctx": ctx}
+        try:
+            q_lens = [1 if op == "decode" else ctx] * batch
+            pb = make_paged_batch(q_lens, [ctx] * batch, num_kv_heads=HKV, group=HQ // HKV, head_dim=D,
+                                  page=PAGE, dtype=BF16, device="cuda", seed=ctx + batch)  # fmt: skip
+            if op == "decode":
+                args = (pb.q, pb.kv_layer, pb.block_tables, pb.seq_lens, D**-0.5)
+                fn, ref_fn, kw = K.paged_decode_attention, reference.paged_decode_attention, {"max_seq_len": ctx}
+            else:
+                args = (pb.q, pb.kv_layer, pb.block_tables, pb.query_start_loc, pb.seq_lens, D**-0.5)
+                fn, ref_fn, kw = K.paged_context_attention, reference.paged_context_attention, {"max_query_len": ctx}
+            fast = functools.partial(fn, *args, **kw)
+            exact = functools.partial(fn, *args, **kw, exact=True)
+            row["fast_us"] = time_ms(fast) * 1e3
+            row["exact_us"] = time_ms(exact) * 1e3
+            row["exact_vs_fast"] = row["exact_us"] / row["fast_us"]
+            ref = ref_fn(*args)
+            row["fast_identical"] = bool(torch.equal(fast(), ref))
+            row["exact_identical"] = bool(torch.equal(exact(), ref))
+            row["fast_elems_differ"] = (fast() != ref).float().mean().item()
+        except Exception as e:  # record and go on
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        free()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def bench_context(matmul_flops: float, configs: list[K.ContextConfig | None]) -> list[dict]:
     rows = []
     # (batch, new tokens per sequence, cached prefix per sequence)
@@ -395,6 +431,8 @@ TABLE_COLUMNS = {
         "split_TFs",
     ],
     "fused": ["op", "ours_us", "GBs", "vs_copy", "torch_us", "err"],
+    "exact": ["op", "batch", "ctx", "fast_us", "exact_us", "exact_vs_fast", "fast_identical", "exact_identical",
+              "fast_elems_differ"],
 }
 
 
@@ -404,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--sweep", default="", help=f"comma-separated tuning sweeps: {sorted(DECODE_SWEEPS)}, context"
     )
-    ap.add_argument("--only", default="decode,context,fused", help="comma-separated sections to run")
+    ap.add_argument("--only", default="decode,context,fused,exact", help="comma-separated sections to run")
     ap.add_argument("--quick", action="store_true", help="smaller grid (smoke run)")
     ap.add_argument("--commit", default=None, help="commit to record (the device copy has no .git)")
     ap.add_argument("--markdown", type=Path, default=None, help="print BENCHMARKS.md tables of a result JSON")
@@ -457,6 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     if "fused" in only:
         payload["fused"] = bench_fused(copy_bw)
         save()
+    if "exact" in only:
+        payload["exact"] = bench_exact()
+        save()
     for section, cols in TABLE_COLUMNS.items():
         if section in payload:
             print_table(payload[section], cols)
@@ -469,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def failed_checks(payload: dict[str, Any]) -> list[str]:
     bad = []
+    for row in payload.get("exact", []):
+        if not row.get("exact_identical"):
+            bad.append(f"exact: not the reference's bits in {row}")
     for section in ("decode", "context", "fused", "decode_sweep"):
         for row in payload.get(section, []):
             for key, val in row.items():

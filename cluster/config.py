@@ -150,6 +150,9 @@ class ClusterConfig(_Section):
     model: str = Field(EMBEDDED_MODEL, min_length=1, description=f"model folder, or {EMBEDDED_MODEL!r}")
     served_model_name: str | None = Field(None, description="name clients pass as `model`")
     random_weights: bool = Field(False, description="real shapes, random weights (speed runs)")
+    exact_attention: bool = Field(
+        False, description="GPU attention in float64, bit-identical to the torch references (slow)"
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     max_model_len: int = Field(2048, ge=16, description="prompt + generated tokens per sequence")

@@ -69,7 +69,7 @@ def worker_specs(
         kv_cache_memory=int(config.kv_cache_memory), max_model_len=config.max_model_len,
         max_num_batched_tokens=config.prefill.chunk_size, transport=config.kvtransfer.backend,
         transfer_timeout_s=config.kvtransfer.transfer_timeout_s, num_threads=threads,
-        random_weights=config.random_weights, seed=config.seed,
+        random_weights=config.random_weights, seed=config.seed, exact_attention=config.exact_attention,
     )
     seqs = config.decode.max_num_seqs
     specs = [

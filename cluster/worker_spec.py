@@ -51,6 +51,7 @@ class WorkerSpec:
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
     random_weights: bool = False
     seed: int = 0
+    exact_attention: bool = False  # float64 attention kernels, the references' bits (slow)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -112,4 +113,5 @@ class WorkerSpec:
             ),
             seed=self.seed,
             random_weights=self.random_weights,
+            exact_attention=self.exact_attention,
         )

@@ -191,3 +191,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
     random_weights: bool = False  # speed runs on real shapes without a checkpoint
+    # attention kernels in float64, bit-identical to the torch references (slow; for checks
+    # and reproducible runs, see gpu_kernels/exact_attention.py); no effect on CPU
+    exact_attention: bool = False

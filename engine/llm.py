@@ -36,6 +36,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         random_weights: bool = False,
         seed: int = 0,
+        exact_attention: bool = False,
     ) -> None:
         path = Path(model)
         if not path.exists():
@@ -61,6 +62,7 @@ class LLM:
             ),
             seed=seed,
             random_weights=random_weights,
+            exact_attention=exact_attention,
         )
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()

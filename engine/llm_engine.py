@@ -57,7 +57,9 @@ class LLMEngine:
             enable_prefix_caching=cfg.cache.enable_prefix_caching, watermark=cfg.cache.watermark,
         )
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = ModelRunner(self.model, self.pool, eos, seed=cfg.seed)
+        self.runner = ModelRunner(
+            self.model, self.pool, eos, seed=cfg.seed, exact_attention=cfg.exact_attention
+        )
         self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
         self._seqs: dict[str, Sequence] = {}
 

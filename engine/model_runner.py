@@ -17,6 +17,7 @@ from engine.kv_cache_pool import KVCachePool
 from engine.models.llama import LayerHook, LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput, SamplingBatch
 from engine.scheduler import ScheduledSeq
+from gpu_kernels import ops
 
 
 @dataclass
@@ -34,9 +35,15 @@ class StepResult:
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, pool: KVCachePool, eos_token_ids: Seq[int] = (), seed: int | None = None
+        self,
+        model: LlamaForCausalLM,
+        pool: KVCachePool,
+        eos_token_ids: Seq[int] = (),
+        seed: int | None = None,
+        exact_attention: bool = False,
     ) -> None:
         self.model = model
+        self.exact_attention = exact_attention
         self.pool = pool
         self.device = pool.device
         self.eos_token_ids = tuple(eos_token_ids)
@@ -86,7 +93,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Run the model; returns hidden states ``[T, D]`` and the metadata used."""
         input_ids, meta = self.prepare(scheduled, block_tables)
-        hidden = self.model(input_ids, meta.positions, self.caches, meta, on_layer_done)
+        with ops.exact_attention(self.exact_attention):
+            hidden = self.model(input_ids, meta.positions, self.caches, meta, on_layer_done)
         return hidden, meta
 
     @torch.inference_mode()

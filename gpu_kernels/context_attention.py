@@ -37,6 +37,7 @@ from gpu_kernels.checks import (
     scale_or_one,
     tl_dtype,
 )
+from gpu_kernels.exact_attention import context_rows, exact_rows_attention
 from gpu_kernels.pv_product import accumulate_pv
 
 interpreter_compat.apply()
@@ -185,6 +186,7 @@ def paged_context_attention(
     config: ContextConfig | None = None,
     fp8_compute_dtype: torch.dtype | None = None,
     split_probs: bool = False,
+    exact: bool = False,
 ) -> torch.Tensor:
     """``q: [T, Hq, D]`` new tokens -> ``[T, Hq, D]``; same semantics as ``gpu_kernels.reference``.
 
@@ -192,6 +194,8 @@ def paged_context_attention(
     it is read from ``query_start_loc``, a device->host sync. ``split_probs=True`` keeps the
     probabilities at ~float32 precision in P·V (`gpu_kernels.pv_product`); off by default: the
     extra product cost 14-53% of throughput on H200 (bench/NOTES-kernels.md, item 6).
+    ``exact=True`` computes in float64 and returns the reference's bits
+    (`gpu_kernels.exact_attention`): slow, for verification and reproducibility.
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
@@ -216,6 +220,9 @@ def paged_context_attention(
     k_scale = check_scale("k_scale", k_scale, dev)
     v_scale = check_scale("v_scale", v_scale, dev)
 
+    if exact and num_tokens and batch:
+        rows, lens = context_rows(query_start_loc, seq_lens, num_tokens)
+        return exact_rows_attention(q, kv_layer, block_tables, rows, lens, scale, k_scale, v_scale)
     dot_dtype = fp8_dot_dtype(q.dtype, fp8_compute_dtype) if is_fp8 else q.dtype
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_tokens == 0 or batch == 0:

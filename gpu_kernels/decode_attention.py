@@ -37,6 +37,7 @@ from gpu_kernels.checks import (
     sm_count,
     tl_dtype,
 )
+from gpu_kernels.exact_attention import exact_rows_attention
 from gpu_kernels.pv_product import accumulate_pv
 
 interpreter_compat.apply()
@@ -205,6 +206,7 @@ def paged_decode_attention(
     num_stages: int = 3,
     fp8_compute_dtype: torch.dtype | None = None,
     split_probs: bool = False,
+    exact: bool = False,
 ) -> torch.Tensor:
     """``q: [B, Hq, D]`` -> ``[B, Hq, D]``; same semantics as ``gpu_kernels.reference``.
 
@@ -214,7 +216,9 @@ def paged_decode_attention(
     block table's capacity is used, so no device->host sync happens and the call can be
     captured in a CUDA graph. ``split_probs=True`` keeps the softmax probabilities at
     ~float32 precision in the P·V product (`gpu_kernels.pv_product`); off by default: it cost
-    up to 30% at large batches on H200 (bench/NOTES-kernels.md, item 6).
+    up to 30% at large batches on H200 (bench/NOTES-kernels.md, item 6). ``exact=True``
+    computes in float64 and returns the reference's bits (`gpu_kernels.exact_attention`): slow,
+    for verification and reproducibility; the tuning arguments are then ignored.
     """
     check_tensor("q", q, ndim=3, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     ensure_runnable(q)
@@ -235,6 +239,9 @@ def paged_decode_attention(
     k_scale = check_scale("k_scale", k_scale, dev)
     v_scale = check_scale("v_scale", v_scale, dev)
 
+    if exact:
+        rows = torch.arange(batch, dtype=torch.int32, device=dev)
+        return exact_rows_attention(q, kv_layer, block_tables, rows, seq_lens, scale, k_scale, v_scale)
     dot_dtype = fp8_dot_dtype(q.dtype, fp8_compute_dtype) if is_fp8 else q.dtype
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:

@@ -3,7 +3,9 @@
 Unfused, a decoder layer reads the hidden state three times around each norm (add, norm,
 weight); fused, each row is read once (x, residual, weight) and written twice (normed output,
 new residual). It mirrors the reference's rounding: the sum is rounded to the activation dtype
-before it is normalised, and the normalised value is rounded before the weight multiplies it.
+before it is normalised, and the normalised value is rounded before the weight multiplies it;
+for 16-bit inputs the mean square is summed in float64, like the reference, so the two agree
+bit for bit instead of to the ulp of a float32 sum whose order differs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
     n_cols, eps,
     stride_x, stride_res, stride_out, stride_new_res,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, EXACT_SUM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -34,7 +36,12 @@ def _rms_norm_kernel(
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
         tl.store(new_res_ptr + row * stride_new_res + offs, x, mask=mask)
     h = x.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
+    if EXACT_SUM:  # 16-bit input: float64 sum and IEEE sqrt/div, the reference's bits
+        h64 = h.to(tl.float64)
+        eps64 = tl.full([], eps, tl.float32).to(tl.float64)  # the float32 eps, as everywhere else
+        inv = (1.0 / tl.sqrt(tl.sum(h64 * h64, 0) / n_cols + eps64)).to(tl.float32)
+    else:
+        inv = 1.0 / tl.sqrt(tl.sum(h * h, 0) / n_cols + eps)
     normed = (h * inv).to(x.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     out_dtype = out_ptr.dtype.element_ty
@@ -68,7 +75,7 @@ def rms_norm(
             x2, res2, weight, out, new_res,
             hidden, float(eps),
             x2.stride(0), res2.stride(0), out.stride(0), new_res.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=block,
+            HAS_RESIDUAL=residual is not None, EXACT_SUM=x.dtype != torch.float32, BLOCK=block,
             num_warps=min(16, max(1, block // 256)),
         )  # fmt: skip
     out = out.view(x.shape)

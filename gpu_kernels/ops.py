@@ -16,6 +16,8 @@ from gpu_kernels import reference
 
 # the ops forced onto their torch twins (None: none); a frozenset so the context var stays immutable
 _FORCE_REFERENCE: ContextVar[frozenset[str] | None] = ContextVar("splitserve_force_reference", default=None)
+# attention kernels in exact numerics (`gpu_kernels.exact_attention`)
+_EXACT_ATTENTION: ContextVar[bool] = ContextVar("splitserve_exact_attention", default=False)
 
 OPS = (
     "paged_context_attention",
@@ -25,7 +27,7 @@ OPS = (
     "silu_mul",
     "write_kv",
 )
-__all__ = ["OPS", "force_reference", *OPS]
+__all__ = ["OPS", "exact_attention", "force_reference", *OPS]
 
 
 @contextlib.contextmanager
@@ -44,6 +46,21 @@ def force_reference(ops: Iterable[str] | None = None) -> Iterator[None]:
         yield
     finally:
         _FORCE_REFERENCE.reset(token)
+
+
+@contextlib.contextmanager
+def exact_attention(enabled: bool = True) -> Iterator[None]:
+    """Run the attention kernels in float64 exact numerics: the references' bits, slowly.
+
+    For checking a whole model on the kernels against the references token for token, and for
+    runs that must not depend on tiling or batch composition. CPU runs are unaffected (they use
+    the references, which are what exact mode reproduces).
+    """
+    token = _EXACT_ATTENTION.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _EXACT_ATTENTION.reset(token)
 
 
 def _triton_enabled(t: torch.Tensor, op: str) -> bool:
@@ -122,7 +139,7 @@ def paged_decode_attention(
 
         return kern(
             q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale,
-            multi_block=multi_block, max_seq_len=max_seq_len,
+            multi_block=multi_block, max_seq_len=max_seq_len, exact=_EXACT_ATTENTION.get(),
         )
     return reference.paged_decode_attention(q, kv_layer, block_tables, seq_lens, scale, k_scale, v_scale)
 
@@ -143,7 +160,7 @@ def paged_context_attention(
 
         return kern(
             q, kv_layer, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale,
-            max_query_len=max_query_len,
+            max_query_len=max_query_len, exact=_EXACT_ATTENTION.get(),
         )
     return reference.paged_context_attention(
         q, kv_layer, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale

@@ -22,12 +22,23 @@ def rms_norm(
     """``x (+ residual)`` normalised; returns ``(out, new_residual)`` (new_residual is None without one).
 
     Computed in float32 and cast back, like HF's LlamaRMSNorm, so float32 runs match it exactly.
+    For 16-bit inputs the mean square is summed in float64 (squares of 16-bit values are exact
+    there, so the summation order no longer shows after rounding) and ``1/sqrt`` uses IEEE
+    sqrt and division, which the kernel repeats: both get the same scale bit for bit. (With a
+    float32 sum, the order alone moved the scale by an ulp, enough to change a bf16 model's
+    greedy tokens.) ``eps`` is added as the float32 value it is everywhere else.
     """
     if residual is not None:
         x = x + residual
         residual = x
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if x.dtype == torch.float32:
+        inv = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        h64 = h.to(torch.float64)
+        eps32 = float(torch.tensor(eps, dtype=torch.float32))
+        inv = (1.0 / torch.sqrt((h64 * h64).sum(-1, keepdim=True) / x.shape[-1] + eps32)).to(torch.float32)
+    h = h * inv
     return weight * h.to(x.dtype), residual
 
 
@@ -147,18 +158,25 @@ def gather_kv(
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """``q: [L, Hq, D]`` against ``k, v: [Hkv, S, D]``, causal with the queries at the end."""
+    """``q: [L, Hq, D]`` against ``k, v: [Hkv, S, D]``, causal with the queries at the end.
+
+    16-bit queries are attended in float64 and rounded once (through float32, as every cast to
+    them goes): the correctly rounded result in all but ~1e-12 of elements, so a kernel is held
+    to the true value, and the exact-numerics kernels reproduce it bit for bit. float32 queries
+    stay in float32, which keeps float32 runs identical to Hugging Face's.
+    """
     n_q, hq, _ = q.shape
     hkv, s, _ = k.shape
     group = hq // hkv
+    acc = torch.float32 if q.dtype == torch.float32 else torch.float64
     qh = q.transpose(0, 1).reshape(hkv, group * n_q, -1)  # [Hkv, G*L, D]
-    scores = torch.matmul(qh.float(), k.float().transpose(1, 2)) * scale  # [Hkv, G*L, S]
+    scores = torch.matmul(qh.to(acc), k.to(acc).transpose(1, 2)) * scale  # [Hkv, G*L, S]
     qpos = (torch.arange(n_q, device=q.device) + (s - n_q)).repeat(group)  # position of each query row
     mask = torch.arange(s, device=q.device)[None, :] > qpos[:, None]
     scores = scores.masked_fill(mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.float())  # [Hkv, G*L, D]
-    return out.reshape(hq, n_q, -1).transpose(0, 1).to(q.dtype)
+    out = torch.matmul(probs, v.to(acc))  # [Hkv, G*L, D]
+    return out.float().reshape(hq, n_q, -1).transpose(0, 1).to(q.dtype)
 
 
 def paged_context_attention(

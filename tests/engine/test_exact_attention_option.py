@@ -1,0 +1,44 @@
+"""The ``exact_attention`` option reaches the attention ops from every place a user sets it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import ClusterConfig
+from cluster.serve import worker_specs
+from engine import LLM, SamplingParams
+from engine import attention as engine_attention
+from gpu_kernels import ops
+
+
+@pytest.fixture
+def seen_modes(monkeypatch) -> list[bool]:
+    """Record the exact-attention mode in force at every attention call of the model."""
+    seen: list[bool] = []
+    for name in ("paged_decode_attention", "paged_context_attention"):
+        real = getattr(ops, name)
+
+        def spy(*a, _real=real, **kw):
+            seen.append(ops._EXACT_ATTENTION.get())
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(engine_attention.ops, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_llm_option_sets_the_mode_for_every_attention_call(smollm2_path, seen_modes, exact):
+    llm = LLM(smollm2_path, max_model_len=256, exact_attention=exact)
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert len(seen_modes) == 30 * 3  # 30 layers: one prefill step and two decode steps
+    assert set(seen_modes) == {exact}
+    assert not ops._EXACT_ATTENTION.get()  # nothing leaks out of the step
+
+
+def test_cluster_config_reaches_the_workers_engine_config(smollm2_path):
+    cfg = ClusterConfig(model=str(smollm2_path), exact_attention=True)
+    specs = worker_specs(cfg, str(smollm2_path))
+    assert specs and all(s.exact_attention and s.engine_config().exact_attention for s in specs)
+    default = worker_specs(ClusterConfig(model=str(smollm2_path)), str(smollm2_path))
+    assert not any(s.engine_config().exact_attention for s in default)
