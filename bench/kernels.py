@@ -301,6 +301,7 @@ def bench_exact() -> list[dict]:
             row["fast_identical"] = bool(torch.equal(fast(), ref))
             row["exact_identical"] = bool(torch.equal(exact(), ref))
             row["fast_elems_differ"] = (fast() != ref).float().mean().item()
+            row["exact_elems_differ"] = (exact() != ref).float().mean().item()
         except Exception as e:  # record and go on
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         free()
@@ -432,7 +433,7 @@ TABLE_COLUMNS = {
     ],
     "fused": ["op", "ours_us", "GBs", "vs_copy", "torch_us", "err"],
     "exact": ["op", "batch", "ctx", "fast_us", "exact_us", "exact_vs_fast", "fast_identical", "exact_identical",
-              "fast_elems_differ"],
+              "fast_elems_differ", "exact_elems_differ"],
 }
 
 

@@ -6,6 +6,7 @@ per-sequence ranges; the only Python loop is over sequences, never over tokens o
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -93,7 +94,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Run the model; returns hidden states ``[T, D]`` and the metadata used."""
         input_ids, meta = self.prepare(scheduled, block_tables)
-        with ops.exact_attention(self.exact_attention):
+        # the option turns exact mode on; off, the caller's choice (`ops.exact_attention`) stands
+        with ops.exact_attention() if self.exact_attention else contextlib.nullcontext():
             hidden = self.model(input_ids, meta.positions, self.caches, meta, on_layer_done)
         return hidden, meta
 

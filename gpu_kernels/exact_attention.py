@@ -86,10 +86,12 @@ def _exact_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         m_i = m_new
 
-    # a length-0 row (a padded decode slot) has l_i == 0 and acc == 0: zeros, like the reference
+    # a length-0 row (a padded decode slot) has l_i == 0 and acc == 0: zeros, like the reference.
+    # Stored as float32: the caller rounds to the output dtype in torch, as the reference does
+    # (two roundings; compiled here, the two casts were folded into one and differed ~1 in 2^16)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, out.to(tl.float32).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    tl.store(o_ptrs, out.to(tl.float32), mask=g_mask[:, None])
 
 
 def exact_rows_attention(
@@ -107,11 +109,11 @@ def exact_rows_attention(
     Arguments are checked by the public wrappers (`paged_decode_attention`,
     `paged_context_attention` with ``exact=True``), which build ``rows`` and ``lens``.
     """
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     tokens, hq, head_dim = q.shape
     hkv = kv_layer.shape[2]
+    out = torch.empty((tokens, hq, head_dim), dtype=torch.float32, device=q.device)
     if tokens == 0:
-        return out
+        return out.to(q.dtype)
     is_fp8 = kv_layer.dtype == torch.float8_e4m3fn
     ks = scale_or_one(k_scale, q.device) if is_fp8 else q
     vs = scale_or_one(v_scale, q.device) if is_fp8 else q
@@ -126,7 +128,7 @@ def exact_rows_attention(
         PAGE=kv_layer.shape[3], BLOCK_N=_BLOCK_N, IS_FP8=is_fp8,
         num_warps=4, num_stages=1,
     )  # fmt: skip
-    return out
+    return out.to(q.dtype)
 
 
 def context_rows(

@@ -26,14 +26,16 @@ def seen_modes(monkeypatch) -> list[bool]:
     return seen
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_llm_option_sets_the_mode_for_every_attention_call(smollm2_path, seen_modes, exact):
-    llm = LLM(smollm2_path, max_model_len=256, exact_attention=exact)
-    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=3, temperature=0.0))
+@pytest.mark.parametrize(("option", "ambient"), [(False, False), (True, False), (False, True)])
+def test_llm_option_sets_the_mode_for_every_attention_call(smollm2_path, seen_modes, option, ambient):
+    """The engine option turns exact mode on; without it, a caller's `ops.exact_attention` stands."""
+    llm = LLM(smollm2_path, max_model_len=256, exact_attention=option)
+    with ops.exact_attention(ambient):
+        out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=3, temperature=0.0))
     assert len(out[0].outputs[0].token_ids) == 3
     assert len(seen_modes) == 30 * 3  # 30 layers: one prefill step and two decode steps
-    assert set(seen_modes) == {exact}
-    assert not ops._EXACT_ATTENTION.get()  # nothing leaks out of the step
+    assert set(seen_modes) == {option or ambient}
+    assert not ops._EXACT_ATTENTION.get()  # nothing leaks out
 
 
 def test_cluster_config_reaches_the_workers_engine_config(smollm2_path):

@@ -207,8 +207,10 @@ def test_exact_attention_is_bit_identical(group, dt, kv_dt):
     q = pb.q * 4  # a sharp softmax: large probabilities, the hardest to round alike
     args = (q, pb.kv_layer, pb.block_tables, pb.query_start_loc, pb.seq_lens, pb.scale, pb.k_scale, pb.v_scale)
     out = K.paged_context_attention(*args, max_query_len=max(q_lens), exact=True)
-    assert torch.equal(out, reference.paged_context_attention(*args)), f"seed {SEED}"
+    ref = reference.paged_context_attention(*args)
+    assert torch.equal(out, ref), f"seed {SEED}: {(out != ref).sum().item()} of {out.numel()} differ"
     last = (pb.query_start_loc[1:] - 1).long()
     dargs = (q[last], pb.kv_layer, pb.block_tables, pb.seq_lens, pb.scale, pb.k_scale, pb.v_scale)
     out = K.paged_decode_attention(*dargs, exact=True)
-    assert torch.equal(out, reference.paged_decode_attention(*dargs)), f"seed {SEED}"
+    ref = reference.paged_decode_attention(*dargs)
+    assert torch.equal(out, ref), f"seed {SEED}: {(out != ref).sum().item()} of {out.numel()} differ"
