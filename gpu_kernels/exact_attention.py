@@ -37,8 +37,7 @@ _BLOCK_N = 16
 
 @triton.jit
 def _exact_kernel(
-    q_ptr, kv_ptr, bt_ptr, row_ptr, len_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
-    sm_scale,
+    q_ptr, kv_ptr, bt_ptr, row_ptr, len_ptr, k_scale_ptr, v_scale_ptr, out_ptr, scale_ptr,
     stride_qt, stride_qh,
     stride_kv_blk, stride_kv_kv, stride_kv_h, stride_kv_slot,
     stride_bt, stride_ot, stride_oh,
@@ -56,6 +55,7 @@ def _exact_kernel(
     g_mask = offs_g < GROUP
     q = tl.load(q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
     q = q.to(tl.float32).to(tl.float64)  # widened through float32: exact, and the interpreter's bf16 path
+    sm_scale = tl.load(scale_ptr)  # float64: a scalar argument would arrive rounded to float32
     if IS_FP8:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
@@ -118,9 +118,11 @@ def exact_rows_attention(
     ks = scale_or_one(k_scale, q.device) if is_fp8 else q
     vs = scale_or_one(v_scale, q.device) if is_fp8 else q
     group = hq // hkv
+    # the softmax scale in float64 through memory: Triton passes a Python float as float32, and
+    # that rounding moved every score by ~1e-8, enough to change 1 in 40000 bf16 outputs
+    scale_t = torch.tensor([float(scale)], dtype=torch.float64, device=q.device)
     _exact_kernel[(tokens, hkv)](
-        q, kv_layer, block_tables, rows, lens, ks, vs, out,
-        float(scale),
+        q, kv_layer, block_tables, rows, lens, ks, vs, out, scale_t,
         q.stride(0), q.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
