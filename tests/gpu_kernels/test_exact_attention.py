@@ -12,7 +12,7 @@ import torch
 from gpu_kernels import ops, reference
 from gpu_kernels import triton_ops as K
 from gpu_kernels.exact_attention import context_rows
-from gpu_kernels.testing import case_seed, make_paged_batch
+from gpu_kernels.testing import case_seed, make_paged_batch, rel_err
 
 BF16, F16, FP8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
 
@@ -82,3 +82,13 @@ def test_ops_pass_exact_mode_to_the_kernels(monkeypatch):
     ]
     assert torch.equal(exact_c, reference.paged_context_attention(*cargs))
     assert torch.equal(exact_d, reference.paged_decode_attention(*dargs))
+
+
+def test_exact_mode_on_float32_inputs_is_within_float32_tolerance():
+    """float32 references stay in float32 (HF parity), so exact mode is held to the 1e-5 bound there."""
+    pb = make_paged_batch([4, 1], [37, 16], num_kv_heads=2, group=3, head_dim=64, page=16, dtype=torch.float32,
+                          seed=11)  # fmt: skip
+    args = (pb.q, pb.kv_layer, pb.block_tables, pb.query_start_loc, pb.seq_lens, pb.scale)
+    out = K.paged_context_attention(*args, exact=True)
+    assert out.dtype == torch.float32
+    assert rel_err(out, reference.paged_context_attention(*args)) <= 1e-5
