@@ -120,7 +120,7 @@ def exact_rows_attention(
     group = hq // hkv
     # the softmax scale in float64 through memory: Triton passes a Python float as float32, and
     # that rounding moved every score by ~1e-8, enough to change 1 in 40000 bf16 outputs
-    scale_t = torch.tensor([float(scale)], dtype=torch.float64, device=q.device)
+    scale_t = torch.full((1,), float(scale), dtype=torch.float64, device=q.device)  # no host copy: graph-safe
     _exact_kernel[(tokens, hkv)](
         q, kv_layer, block_tables, rows, lens, ks, vs, out, scale_t,
         q.stride(0), q.stride(1),

@@ -124,6 +124,9 @@ class PrefillLoop:
                 return
             for m in msgs:
                 self._handle(m)
+            if any(isinstance(m, PrefillJob) for m in msgs):
+                # new jobs' leases go to the renewer now, not after their first (maybe long) step
+                self._publish()
             if self.engine.scheduler.has_unfinished():
                 try:
                     if not self._step():
