@@ -2,7 +2,8 @@
 
 Servicer methods run on gRPC threads: they validate, hand messages to the `DecodeLoop`, and
 stream its per-request queue back. A stream whose client went away (cancel, deadline,
-disconnect) is aborted through ``context.add_callback``, so its blocks are freed on both sides.
+disconnect) is aborted through ``context.add_callback`` (or at once, if it left before the
+handler ran), so its blocks are freed on both sides.
 """
 
 from __future__ import annotations
@@ -53,15 +54,24 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
     ) -> Iterator[pb.GenerateResponse]:
         req = self._parse(request, context)
         done = threading.Event()
-        # fires when the RPC ends for any reason; only an unfinished stream needs the abort
-        context.add_callback(lambda: done.is_set() or self.loop.abort(req.request_id, "client gone"))
+
+        def client_gone() -> None:  # only an unfinished stream needs the abort
+            if not done.is_set():
+                self.loop.abort(req.request_id, "client gone")
+
+        # submit first: the abort must reach the loop after the request, or it finds nothing to
+        # abort and the request runs to its end for nobody. A client that left before the
+        # callback was registered gets no callback (add_callback returns False): abort here.
         stream = self.loop.submit(req)
+        if not context.add_callback(client_gone):
+            client_gone()
         remaining = req.params.n
         while remaining:
             try:
                 ev = stream.get(timeout=1.0)
             except queue.Empty:
                 if not context.is_active():
+                    client_gone()  # idempotent with the callback: aborting twice finds nothing
                     return
                 continue
             if isinstance(ev, StreamError):
