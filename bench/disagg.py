@@ -30,11 +30,11 @@ import torch
 from bench.common import print_table, save_result
 from bench.shapes import SHAPES, model_dir
 from cluster.local_workers import WorkerProcess
-from cluster.worker_spec import WorkerSpec
-from decode_worker.client import DecodeClient
 from decode_worker.messages import PrefillTarget
 from engine.sampling_params import SamplingParams
-from prefill_worker.client import PrefillClient
+from protocol.decode_client import DecodeClient
+from protocol.prefill_client import PrefillClient
+from protocol.worker_spec import WorkerSpec
 
 TOKEN = "bench-token"
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.worker_spec import TOKEN_ENV, WorkerSpec
+from protocol.worker_spec import TOKEN_ENV, WorkerSpec
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,8 @@ class WorkerProcess:
         env = dict(os.environ if self._env is None else self._env)
         env[TOKEN_ENV] = self.token
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        cmd = [sys.executable, "-m", "cluster.worker_main", "--spec", self.spec.to_json()]
+        # each worker package has a __main__ (python -m decode_worker)
+        cmd = [sys.executable, "-m", f"{self.spec.role}_worker", "--spec", self.spec.to_json()]
         with open(self.log_path, "wb") as log:
             # own session: a terminal's Ctrl-C goes to the launcher, which stops workers in order
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT,

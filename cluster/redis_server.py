@@ -15,12 +15,19 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import redis
 
 from engine.errors import SplitserveError
+from protocol.control_plane import ControlPlane
+
+if TYPE_CHECKING:
+    from cluster.config import RedisConfig
 
 
 def _die_with_parent() -> None:
@@ -138,3 +145,16 @@ class EmbeddedRedis:
         # a forgotten server must not outlive the process that started it
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
+
+
+@contextmanager
+def open_control_plane(config: RedisConfig, *, ttl_s: float = 10.0) -> Iterator[ControlPlane]:
+    """The configured control plane; ``embedded`` starts a private redis-server for its lifetime."""
+    server = EmbeddedRedis().start() if config.embedded else None
+    cp = ControlPlane.from_url(server.url if server else config.url, ttl_s=ttl_s)
+    try:
+        yield cp
+    finally:
+        cp.close()
+        if server is not None:
+            server.stop()

@@ -30,9 +30,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster import prefill_notify
-from cluster.engine_loop import IdleIntegrityCheck, drain_inbox
-from cluster.worker_agent import KVEventRelay
 from decode_worker.leases import LeaseTable
 from decode_worker.messages import (
     AbortMsg,
@@ -51,6 +48,9 @@ from decode_worker.stats import DecodeSnapshot, LoopTimings
 from engine.errors import InvalidRequestError, OutOfBlocksError, PromptTooLongError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from protocol import prefill_notify
+from worker_runtime.agent import KVEventRelay
+from worker_runtime.engine_loop import IdleIntegrityCheck, drain_inbox
 
 log = logging.getLogger(__name__)
 

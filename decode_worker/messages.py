@@ -12,14 +12,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+from protocol.stream import PrefillTarget, StreamError, StreamEvent, TokenChunk, TokenLogprob
 
 # ---- into the engine thread -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrefillTarget:
-    worker_id: str
-    address: str  # host:port of the prefill worker's gRPC server
 
 
 @dataclass
@@ -65,36 +60,7 @@ class StopMsg:
 
 InboxMsg = NewRequest | AbortMsg | PrefillReply | PeerAbortDone | StopMsg
 
-# ---- out to a request's stream ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    logprob: float
-    top: dict[int, float]
-
-
-@dataclass(frozen=True)
-class TokenChunk:
-    """What one step added to the request (the engine's delta)."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None  # "stop" | "length" | "abort" on the last chunk
-    stop_reason: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    prefill_worker: str  # "" when decode ran the prompt
-    index: int = 0  # which of the request's n sequences
-
-
-@dataclass(frozen=True)
-class StreamError:
-    """The request failed; ``code`` is a grpc status name (the engine thread does not import grpc)."""
-
-    code: str
-    message: str
-
-
-StreamEvent = TokenChunk | StreamError
+__all__ = [
+    "AbortMsg", "InboxMsg", "NewRequest", "PeerAbortDone", "PrefillReply", "PrefillTarget", "StopMsg",
+    "StreamError", "StreamEvent", "TokenChunk", "TokenLogprob",
+]

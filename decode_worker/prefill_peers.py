@@ -16,10 +16,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 
-from cluster.proto import worker_pb2 as pb
-from cluster.wire import params_to_proto
 from decode_worker.messages import InboxMsg, NewRequest, PeerAbortDone, PrefillReply, PrefillTarget
-from prefill_worker.client import PrefillClient
+from protocol.prefill_client import PrefillClient
+from protocol.proto import worker_pb2 as pb
+from protocol.wire import params_to_proto
 
 log = logging.getLogger(__name__)
 

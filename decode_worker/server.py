@@ -16,10 +16,16 @@ from collections.abc import Iterator
 
 import grpc
 
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
-from cluster.wire import params_from_proto
-from cluster.worker_runtime import (
+from decode_worker.loop import DecodeLoop, DecodeLoopConfig
+from decode_worker.messages import NewRequest, PrefillTarget, StreamError, TokenChunk
+from decode_worker.prefill_peers import PrefillPeers
+from engine.errors import InvalidRequestError
+from engine.llm_engine import LLMEngine
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
+from protocol.wire import params_from_proto
+from protocol.worker_spec import WorkerSpec
+from worker_runtime.runtime import (
     RunningWorker,
     bind_server,
     compat_text,
@@ -27,12 +33,6 @@ from cluster.worker_runtime import (
     open_transport,
     worker_id_for,
 )
-from cluster.worker_spec import WorkerSpec
-from decode_worker.loop import DecodeLoop, DecodeLoopConfig
-from decode_worker.messages import NewRequest, PrefillTarget, StreamError, TokenChunk
-from decode_worker.prefill_peers import PrefillPeers
-from engine.errors import InvalidRequestError
-from engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 

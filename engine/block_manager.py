@@ -31,7 +31,7 @@ second block stays unhashed and returns to the free list when released.
 Events: ``KVEvent("stored", hashes, parent_hash)`` per run of newly registered blocks (in chain
 order; ``parent_hash`` is the hash before the run, ``None`` at a sequence's first block),
 ``KVEvent("removed", hashes)`` per allocation that evicted cached blocks, and
-``KVEvent("cleared")`` on ``reset_prefix_cache``. The kinds match `cluster.messages.KVEvent`.
+``KVEvent("cleared")`` on ``reset_prefix_cache``. The kinds match `protocol.registry.KVEvent`.
 """
 
 from __future__ import annotations

@@ -51,10 +51,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine.kv_cache_pool import KVCachePool
-from kvtransfer import descriptors, handshake
+from kvtransfer import descriptors
 from kvtransfer.descriptors import BlockIds, ByteRanges
 from kvtransfer.errors import KVTransferError, TransferTimeoutError, UnknownPeerError
-from kvtransfer.handshake import Compat, PeerInfo
+from protocol import kv_handshake as handshake
+from protocol.kv_handshake import Compat, PeerInfo
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,7 @@ free that request's blocks; the subclasses say what went wrong and what to do ab
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-
-class KVTransferError(RuntimeError):
-    """Base of every error raised by `kvtransfer`."""
+from protocol.errors import IncompatiblePeerError, KVTransferError, PeerAuthError, ProtocolError
 
 
 class UnknownTransportError(KVTransferError, ValueError):
@@ -34,26 +30,7 @@ class TransportUnavailableError(KVTransferError, ImportError):
         self.requirement = requirement
 
 
-class IncompatiblePeerError(KVTransferError):
-    """Two workers whose KV blocks are not interchangeable (different model, dtype, layout, split).
 
-    Raised by the handshake instead of letting one side write bytes the other side would
-    misread as KV of another shape: that would corrupt generations silently.
-    """
-
-    def __init__(self, peer: str, differences: Mapping[str, tuple[object, object]]) -> None:
-        detail = "; ".join(f"{k}: ours={a!r} theirs={b!r}" for k, (a, b) in sorted(differences.items()))
-        super().__init__(f"peer {peer!r} has an incompatible KV cache ({detail})")
-        self.peer = peer
-        self.differences = dict(differences)
-
-
-class PeerAuthError(KVTransferError):
-    """A peer that presented no or a wrong cluster token, or that we could not authenticate to."""
-
-
-class ProtocolError(KVTransferError):
-    """A malformed or out-of-bounds message from a peer (the connection is dropped)."""
 
 
 class UnknownPeerError(KVTransferError, KeyError):
@@ -72,3 +49,9 @@ class TransferFailedError(KVTransferError):
 
 class TransferTimeoutError(KVTransferError, TimeoutError):
     """`wait` ran out of time; the transfer may still be in flight (see `KVTransport.wait`)."""
+
+
+__all__ = [
+    "IncompatiblePeerError", "KVTransferError", "PeerAuthError", "ProtocolError", "TransferFailedError",
+    "TransferTimeoutError", "TransportUnavailableError", "UnknownPeerError", "UnknownTransportError",
+]

@@ -28,7 +28,7 @@ from engine.kv_cache_pool import KVCachePool, KVLayout
 from kvtransfer import descriptors
 from kvtransfer.base import KVTransport, TransferHandle, TransferPlan, TransportOptions
 from kvtransfer.errors import KVTransferError, TransferFailedError
-from kvtransfer.handshake import PeerInfo
+from protocol.kv_handshake import PeerInfo
 
 _NIXL_INIT_AGENT = "NIXL_INIT_AGENT"
 

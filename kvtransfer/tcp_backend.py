@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 
 from engine.kv_cache_pool import KVCachePool
-from kvtransfer import handshake
 from kvtransfer.base import KVTransport, Op, TransferHandle, TransferPlan, TransportOptions
 from kvtransfer.errors import KVTransferError, PeerAuthError, ProtocolError, TransferFailedError
-from kvtransfer.handshake import PeerInfo
 from kvtransfer.tcp_wire import (
     PoolBytes,
     hello_mac,
@@ -42,6 +40,8 @@ from kvtransfer.tcp_wire import (
     send_header,
     unpack_ranges,
 )
+from protocol import kv_handshake as handshake
+from protocol.kv_handshake import PeerInfo
 
 
 @dataclass(eq=False)

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import grpc
 
-from cluster.grpc_auth import token_channel
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
+from protocol.grpc_auth import token_channel
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

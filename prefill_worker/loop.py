@@ -22,9 +22,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from cluster import prefill_notify
-from cluster.engine_loop import IdleIntegrityCheck, drain_inbox
-from cluster.worker_agent import KVEventRelay
 from engine.llm_engine import LLMEngine
 from engine.model_runner import StepResult
 from engine.scheduler import SchedulerOutput
@@ -32,6 +29,9 @@ from engine.sequence import Sequence
 from kvtransfer.errors import TransferTimeoutError
 from prefill_worker.kv_push import LayerPusher, PushPlan, PushStats, PushTarget, plan_step
 from prefill_worker.messages import AbortJob, Handshake, InboxMsg, PrefillJob, StopMsg
+from protocol import prefill_notify
+from worker_runtime.agent import KVEventRelay
+from worker_runtime.engine_loop import IdleIntegrityCheck, drain_inbox
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,16 @@ import logging
 
 import grpc
 
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
-from cluster.wire import params_from_proto
-from cluster.worker_runtime import (
+from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.llm_engine import LLMEngine
+from prefill_worker.leases import LeaseRenewer
+from prefill_worker.loop import PrefillLoop
+from prefill_worker.messages import PrefillJob
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
+from protocol.wire import params_from_proto
+from protocol.worker_spec import WorkerSpec
+from worker_runtime.runtime import (
     RunningWorker,
     bind_server,
     compat_text,
@@ -24,12 +30,6 @@ from cluster.worker_runtime import (
     open_transport,
     worker_id_for,
 )
-from cluster.worker_spec import WorkerSpec
-from engine.errors import InvalidRequestError, PromptTooLongError
-from engine.llm_engine import LLMEngine
-from prefill_worker.leases import LeaseRenewer
-from prefill_worker.loop import PrefillLoop
-from prefill_worker.messages import PrefillJob
 
 log = logging.getLogger(__name__)
 

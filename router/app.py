@@ -26,9 +26,9 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.config import ClusterConfig
-from cluster.registry import ControlPlane
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from protocol.control_plane import ControlPlane
 from router import protocol as P
 from router.backend import GenerationBackend, TokenDelta, Tokenizer
 from router.dispatch import ClusterView, Dispatcher, RoutedPrompt, deadline_after

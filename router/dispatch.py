@@ -16,10 +16,10 @@ import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 
-from cluster.messages import KVEventBatch, LoadSnapshot, WorkerInfo
-from cluster.registry import ControlPlane
 from engine.block_hash import prompt_block_hashes
 from engine.sampling_params import SamplingParams
+from protocol.control_plane import ControlPlane
+from protocol.registry import KVEventBatch, LoadSnapshot, WorkerInfo
 from router.backend import GenerateRequest, GenerationBackend, TokenDelta
 from router.errors import PrefillFailedError, WorkerUnavailableError
 from router.metrics import RouterMetrics

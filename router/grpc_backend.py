@@ -25,12 +25,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from cluster.grpc_auth import CHANNEL_OPTIONS, token_metadata
-from cluster.messages import WorkerInfo
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
-from cluster.wire import params_to_proto
 from engine.errors import InvalidRequestError
+from protocol.grpc_auth import CHANNEL_OPTIONS, token_metadata
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
+from protocol.registry import WorkerInfo
+from protocol.wire import params_to_proto
 from router.backend import GenerateRequest, GenerationBackend, TokenDelta, Tokenizer, TokenLogprob
 from router.errors import (
     PrefillFailedError,

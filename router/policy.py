@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cluster.messages import BlockHash, LoadSnapshot, WorkerInfo
+from protocol.registry import BlockHash, LoadSnapshot, WorkerInfo
 from router.errors import NoWorkersError, QueueFullError
 from router.prefix_index import PrefixIndex
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from cluster.messages import BlockHash, KVEvent
+from protocol.registry import BlockHash, KVEvent
 
 
 class PrefixIndex:

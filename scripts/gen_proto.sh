@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the committed gRPC stubs from cluster/proto/*.proto (never edit the stubs by hand).
+# Regenerate the committed gRPC stubs from protocol/proto/*.proto (never edit the stubs by hand).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-.venv/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. cluster/proto/worker.proto
+.venv/bin/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protocol/proto/worker.proto

@@ -10,9 +10,9 @@ import pytest
 import redis
 
 from cluster.config import load_config
-from cluster.messages import KVEvent, LoadSnapshot, WorkerInfo
-from cluster.redis_server import EmbeddedRedis
-from cluster.registry import ControlPlane, open_control_plane
+from cluster.redis_server import EmbeddedRedis, open_control_plane
+from protocol.control_plane import ControlPlane
+from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
 
 
 @pytest.fixture

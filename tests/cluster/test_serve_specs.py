@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.serve import worker_specs
+from splitserve.serve import worker_specs
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from cluster.messages import KVEvent, LoadSnapshot, WorkerInfo
 from cluster.redis_server import EmbeddedRedis
-from cluster.registry import ControlPlane
-from cluster.worker_agent import (
+from engine.block_manager import KVEvent as EngineEvent
+from protocol.control_plane import ControlPlane
+from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
+from worker_runtime.agent import (
     PARENT_PID_ENV,
     REDIS_URL_ENV,
     REGISTRY_TTL_ENV,
@@ -24,7 +25,6 @@ from cluster.worker_agent import (
     attach_worker_agent,
     load_from_snapshot,
 )
-from engine.block_manager import KVEvent as EngineEvent
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from cluster.local_workers import WorkerProcess
-from decode_worker.client import DecodeClient
 from engine.sampling_params import SamplingParams
-from prefill_worker.client import PrefillClient
+from protocol.decode_client import DecodeClient
+from protocol.prefill_client import PrefillClient
 from tests.dataplane.harness import BACKENDS, BLOCK_SIZE, MAX_MODEL_LEN, TOKEN, Cluster, worker_spec
 
 

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.local_workers import WorkerProcess
-from cluster.proto import worker_pb2 as pb
-from cluster.worker_spec import WorkerSpec
-from decode_worker.client import DecodeClient, GenerateChunk
 from decode_worker.messages import PrefillTarget
 from engine.sampling_params import SamplingParams
-from prefill_worker.client import PrefillClient
+from protocol.decode_client import DecodeClient, GenerateChunk
+from protocol.prefill_client import PrefillClient
+from protocol.proto import worker_pb2 as pb
+from protocol.worker_spec import WorkerSpec
 
 TOKEN = "test-cluster-token"
 BLOCK_SIZE = 16

@@ -7,14 +7,14 @@ import time
 import pytest
 import torch
 
-from cluster import prefill_notify
-from cluster.wire import params_from_proto, params_to_proto
-from cluster.worker_spec import WorkerSpec, WorkerSpecError
 from decode_worker.leases import LeaseTable
 from decode_worker.stats import LoopTimings
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from prefill_worker.kv_push import LayerPusher, PushTarget, plan_step
+from protocol import prefill_notify
+from protocol.wire import params_from_proto, params_to_proto
+from protocol.worker_spec import WorkerSpec, WorkerSpecError
 
 
 class FakeClock:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-from cluster.proto import worker_pb2 as pb
-from cluster.wire import params_to_proto
 from decode_worker.loop import DecodeLoop, DecodeLoopConfig
 from decode_worker.server import DecodeServicer
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from protocol.proto import worker_pb2 as pb
+from protocol.wire import params_to_proto
 
 
 class RpcEnded(Exception):

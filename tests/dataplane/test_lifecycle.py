@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cluster.local_workers import WorkerProcess
-from decode_worker.client import DecodeRequestError
 from decode_worker.messages import PrefillTarget
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from protocol.decode_client import DecodeRequestError
 from tests.dataplane.harness import LEASE_S, TOKEN, Cluster, tokens_of, worker_spec
 
 pytestmark = pytest.mark.slow
@@ -121,7 +121,7 @@ def test_incompatible_prefill_worker_is_refused(cluster: Cluster, reference, smo
 
 
 def test_wrong_cluster_token_is_refused(cluster: Cluster) -> None:
-    from decode_worker.client import DecodeClient
+    from protocol.decode_client import DecodeClient
 
     with DecodeClient(cluster.decode.address, "wrong") as bad, pytest.raises(DecodeRequestError) as err:
         bad.status()
@@ -149,7 +149,7 @@ def test_stalled_prefill_worker_loses_its_lease(cluster: Cluster, reference) -> 
 
 def test_async_client_streams_and_cancels_on_early_exit(cluster: Cluster, reference) -> None:
     """The router's client: leaving ``async for`` early cancels the RPC, which frees the blocks."""
-    from decode_worker.client import AsyncDecodeClient
+    from protocol.decode_client import AsyncDecodeClient
 
     async def run() -> tuple[list[int], list[int]]:
         client = AsyncDecodeClient(cluster.decode.address, TOKEN)

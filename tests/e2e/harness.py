@@ -16,10 +16,10 @@ import openai
 
 from cluster.config import ClusterConfig, config_from_dict, load_config
 from cluster.local_workers import WorkerProcess
-from cluster.proto import worker_pb2 as pb
-from cluster.serve import LocalCluster
-from decode_worker.client import DecodeClient
-from prefill_worker.client import PrefillClient
+from protocol.decode_client import DecodeClient
+from protocol.prefill_client import PrefillClient
+from protocol.proto import worker_pb2 as pb
+from splitserve.serve import LocalCluster
 
 MODEL = "smollm2"
 

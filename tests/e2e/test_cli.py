@@ -30,7 +30,7 @@ LISTENING = re.compile(
 
 
 class Serve:
-    """``python -m cluster.cli serve --config FILE`` in its own session (so a failing test can
+    """``python -m splitserve.cli serve --config FILE`` in its own session (so a failing test can
     still kill everything), with stdout read line by line and stderr in a file."""
 
     def __init__(self, config: Path, log: Path) -> None:
@@ -39,7 +39,7 @@ class Serve:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSERVE_")}
         with log.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cluster.cli", "serve", "--config", str(config)],
+                [sys.executable, "-m", "splitserve.cli", "serve", "--config", str(config)],
                 cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
                 env={**env, "SPLITSERVE_TEST_MARKER": self.marker},
             )
@@ -115,7 +115,7 @@ def test_serve_prints_ready_serves_and_stops_leaving_nothing(make_serve: MakeSer
     children = serve.descendants()
     names = sorted(p.name() for p in children)
     assert any("redis-server" in n for n in names), names
-    assert len([p for p in children if "worker_main" in " ".join(p.cmdline())]) == 2
+    assert len([p for p in children if "_worker --spec" in " ".join(p.cmdline())]) == 2
 
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     r = api.chat.completions.create(

@@ -22,8 +22,8 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 
-from cluster.serve import LocalCluster
 from engine.sampling_params import SamplingParams
+from splitserve.serve import LocalCluster
 from tests.e2e.harness import (
     MODEL,
     async_client,

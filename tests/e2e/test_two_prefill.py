@@ -17,11 +17,11 @@ import httpx
 import openai
 import pytest
 
-from cluster.serve import LocalCluster
-from decode_worker.client import DecodeClient
 from decode_worker.messages import PrefillTarget
 from engine.block_hash import prompt_block_hashes
 from engine.sampling_params import SamplingParams
+from protocol.decode_client import DecodeClient
+from splitserve.serve import LocalCluster
 from tests.e2e.harness import MODEL, client, make_config, running_cluster, status, wait_for, wait_pools_full
 
 pytestmark = pytest.mark.slow

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.serve import worker_specs
 from engine import LLM, SamplingParams
 from engine import attention as engine_attention
 from gpu_kernels import ops
+from splitserve.serve import worker_specs
 
 
 @pytest.fixture

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from engine.kv_cache_pool import KVLayout
-from kvtransfer import IncompatiblePeerError, PeerAuthError, ProtocolError, handshake
-from kvtransfer.handshake import PeerInfo
+from kvtransfer import IncompatiblePeerError, PeerAuthError, ProtocolError
+from protocol import kv_handshake as handshake
+from protocol.kv_handshake import PeerInfo
 
 LAYOUT = KVLayout(num_layers=2, num_blocks=8, num_kv_heads=2, block_size=16, head_dim=64, dtype=torch.float16)
 

@@ -26,11 +26,11 @@ from kvtransfer import (
     TransportUnavailableError,
     UnknownTransportError,
     create_transport,
-    handshake,
     known_transports,
     tcp_wire,
 )
 from kvtransfer.registry import TransportSpec, register_transport, unregister_transport
+from protocol import kv_handshake as handshake
 from tests.kvtransfer import peer_process
 from tests.kvtransfer.peer_process import PeerSpec
 

@@ -23,10 +23,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cluster.config import config_from_dict
-from cluster.messages import KVEvent, KVEventBatch, LoadSnapshot, WorkerInfo
 from cluster.redis_server import EmbeddedRedis, free_port
-from cluster.registry import ControlPlane
 from engine.block_hash import prompt_block_hashes
+from protocol.control_plane import ControlPlane
+from protocol.registry import KVEvent, KVEventBatch, LoadSnapshot, WorkerInfo
 from router.app import create_app
 from router.backend import GenerateRequest, GenerationBackend, TokenDelta, TokenLogprob
 from router.errors import PrefillFailedError, QueueFullError, WorkerUnavailableError

@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 import pytest
 
-from cluster.grpc_auth import TokenInterceptor
-from cluster.messages import WorkerInfo
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
 from cluster.redis_server import free_port
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from protocol.grpc_auth import TokenInterceptor
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
+from protocol.registry import WorkerInfo
 from router.backend import GenerateRequest, TokenDelta
 from router.errors import (
     PrefillFailedError,

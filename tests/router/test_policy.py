@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import load_config
-from cluster.messages import KVEvent, LoadSnapshot, WorkerInfo
 from engine.block_hash import prompt_block_hashes
+from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
 from router.errors import NoWorkersError, QueueFullError
 from router.policy import (
     POLICIES,

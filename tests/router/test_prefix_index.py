@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cluster.messages import KVEvent
 from engine.block_hash import prompt_block_hashes
+from protocol.registry import KVEvent
 from router.prefix_index import PrefixIndex
 
 BS = 16

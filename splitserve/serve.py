@@ -3,7 +3,7 @@
 `LocalCluster` is the launcher that `serve` and the end-to-end tests share. Start-up order is
 what lets each piece trust the one before: control plane (a private ``redis-server`` on a free
 port, or the configured URL) -> worker processes (they load the model in parallel, then
-register themselves through `cluster.worker_agent`) -> wait until every one is registered ->
+register themselves through `worker_runtime.agent`) -> wait until every one is registered ->
 the router (uvicorn) on ``router.host:port``. Shutdown runs the same steps backwards: the router
 stops taking requests, workers get SIGTERM (SIGKILL after a grace period), Redis stops last.
 
@@ -35,10 +35,10 @@ from fastapi import FastAPI
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.local_workers import WorkerProcess, WorkerStartError
 from cluster.redis_server import EmbeddedRedis, RedisServerError
-from cluster.registry import ControlPlane
-from cluster.worker_agent import DEFAULT_TTL_S, PARENT_PID_ENV, REDIS_URL_ENV, REGISTRY_TTL_ENV
-from cluster.worker_spec import WorkerSpec
 from engine.errors import SplitserveError
+from protocol.control_plane import ControlPlane
+from protocol.worker_spec import WorkerSpec
+from worker_runtime.agent import DEFAULT_TTL_S, PARENT_PID_ENV, REDIS_URL_ENV, REGISTRY_TTL_ENV
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise ClusterStartError(
                     f"worker(s) {sorted(want - have)} did not register in the control plane within "
-                    f"{timeout:.0f}s (a worker joins it through cluster.worker_agent.attach_worker_agent)"
+                    f"{timeout:.0f}s (a worker joins it through worker_runtime.agent.attach_worker_agent)"
                 )
             time.sleep(0.05)
 

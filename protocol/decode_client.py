@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from cluster.grpc_auth import CHANNEL_OPTIONS, token_channel, token_metadata
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
-from cluster.wire import params_to_proto
-from decode_worker.messages import PrefillTarget, TokenLogprob
 from engine.errors import InvalidRequestError, SplitserveError
 from engine.sampling_params import SamplingParams
+from protocol.grpc_auth import CHANNEL_OPTIONS, token_channel, token_metadata
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
+from protocol.stream import PrefillTarget, TokenLogprob
+from protocol.wire import params_to_proto
 
 
 class DecodeRequestError(SplitserveError):

@@ -9,19 +9,17 @@ KV events go to one Redis Stream in publish order; the router tails it (`read_kv
 keep an exact prefix index. The stream is capped (approximately) at ``stream_maxlen`` entries;
 a router that starts after older entries were trimmed only under-reports cache hits.
 
-Everything stored is msgpack (see `cluster.messages`): a value read from Redis is never
+Everything stored is msgpack (see `protocol.registry`): a value read from Redis is never
 unpickled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
 
 import redis
 
-from cluster.messages import (
+from protocol.registry import (
     POOLS,
     KVEvent,
     KVEventBatch,
@@ -31,10 +29,6 @@ from cluster.messages import (
     pack,
     unpack,
 )
-from cluster.redis_server import EmbeddedRedis
-
-if TYPE_CHECKING:
-    from cluster.config import RedisConfig
 
 
 def _check_pool(pool: str) -> None:
@@ -228,15 +222,3 @@ class ControlPlane:
         raw = self.client.get(self._target_key(pool))
         return int(unpack(raw)) if raw is not None else None
 
-
-@contextmanager
-def open_control_plane(config: RedisConfig, *, ttl_s: float = 10.0) -> Iterator[ControlPlane]:
-    """The configured control plane; ``embedded`` starts a private redis-server for its lifetime."""
-    server = EmbeddedRedis().start() if config.embedded else None
-    cp = ControlPlane.from_url(server.url if server else config.url, ttl_s=ttl_s)
-    try:
-        yield cp
-    finally:
-        cp.close()
-        if server is not None:
-            server.stop()

@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import redis
 
-from cluster.messages import KVEvent, LoadSnapshot, WorkerInfo
-from cluster.registry import ControlPlane
+from protocol.control_plane import ControlPlane
+from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def attach_worker_agent(
     transport: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> WorkerAgent | None:
-    """Start the agent of a started `cluster.worker_runtime.RunningWorker` when the launcher
+    """Start the agent of a started `worker_runtime.runtime.RunningWorker` when the launcher
     gave a Redis URL (``SPLITSERVE_REDIS_URL``); registers ``worker.on_stop`` so that stopping
     the worker deregisters it first. Returns None when there is no control plane to join."""
     env = os.environ if environ is None else environ

@@ -1,7 +1,7 @@
 """Process entry point of one prefill or decode worker.
 
-    python -m cluster.worker_main --spec '{"role": "decode", "model": "/models/smollm2", ...}'
-    python -m cluster.worker_main --spec-file decode.json
+    python -m decode_worker --spec '{"role": "decode", "model": "/models/smollm2", ...}'
+    python -m prefill_worker --spec-file decode.json
 
 The spec is a `WorkerSpec` as JSON; the cluster token comes from ``SPLITSERVE_CLUSTER_TOKEN``.
 Once serving, the worker prints one ``READY {json}`` line (worker_id, address, agent_name, pid)
@@ -23,20 +23,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.worker_runtime import RunningWorker
-from cluster.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
+from protocol.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
+from worker_runtime.runtime import RunningWorker
 
 log = logging.getLogger("splitserve.worker")
 
 
-def _starter(role: str) -> Callable[[WorkerSpec, str], RunningWorker]:
-    if role == "decode":
-        from decode_worker.server import start_decode_worker
-
-        return start_decode_worker
-    from prefill_worker.server import start_prefill_worker
-
-    return start_prefill_worker
+Starter = Callable[[WorkerSpec, str], RunningWorker]
 
 
 def _write_ready(path: str, info: dict[str, object]) -> None:
@@ -45,7 +38,7 @@ def _write_ready(path: str, info: dict[str, object]) -> None:
     tmp.replace(path)
 
 
-def run(spec: WorkerSpec, token: str) -> int:
+def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
     if spec.num_threads > 0:
         import torch
 
@@ -55,7 +48,7 @@ def run(spec: WorkerSpec, token: str) -> int:
         signal.signal(sig, lambda *_: stop.set())
     t0 = time.monotonic()
     log.info("starting %s worker: loading %s (%s on %s)", spec.role, spec.model, spec.dtype, spec.device)
-    worker = _starter(spec.role)(spec, token)
+    worker = starter(spec, token)
     info = {"worker_id": worker.worker_id, "address": worker.address, "agent_name": worker.agent_name,
             "pid": os.getpid(), "role": spec.role}
     log.info("%s ready in %.1fs at %s", worker.worker_id, time.monotonic() - t0, worker.address)
@@ -68,7 +61,8 @@ def run(spec: WorkerSpec, token: str) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(starter: Starter, argv: list[str] | None = None) -> int:
+    """The process entry of a worker package (``python -m decode_worker``): ``starter`` builds it."""
     ap = argparse.ArgumentParser(prog="splitserve-worker", description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--spec", help="WorkerSpec as a JSON object")
@@ -83,8 +77,4 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, WorkerSpecError) as e:
         print(f"error: worker spec: {e}", file=sys.stderr)
         return 2
-    return run(spec, os.environ.get(TOKEN_ENV, ""))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run(starter, spec, os.environ.get(TOKEN_ENV, ""))

@@ -1,6 +1,6 @@
 """`WorkerSpec`: everything one prefill or decode worker process needs, as one small JSON object.
 
-The launcher (local processes today, Ray tomorrow) writes it; `cluster.worker_main` reads it.
+The launcher (local processes today, Ray tomorrow) writes it; `worker_runtime.main` reads it.
 It is validated once here, with errors that name the field. The cluster token is not part of
 the JSON on purpose: command lines are visible to every local user, so it travels in the
 ``SPLITSERVE_CLUSTER_TOKEN`` environment variable.

@@ -1,7 +1,7 @@
 """What both worker kinds share at start-up: the gRPC server, the KV transport, a stop handle.
 
 `decode_worker.server.start_decode_worker` and `prefill_worker.server.start_prefill_worker`
-build on these; `cluster.worker_main` runs either one as a process.
+build on these; `worker_runtime.main` runs either one as a process.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
-from cluster.grpc_auth import CHANNEL_OPTIONS, TokenInterceptor
-from cluster.worker_agent import attach_worker_agent, load_from_snapshot
-from cluster.worker_spec import WorkerSpec
 from engine.config import parse_dtype
 from engine.kv_cache_pool import KVCachePool, KVLayout
+from protocol.grpc_auth import CHANNEL_OPTIONS, TokenInterceptor
+from protocol.worker_spec import WorkerSpec
+from worker_runtime.agent import attach_worker_agent, load_from_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def compat_key(spec: WorkerSpec) -> dict[str, Any]:
 
 def compat_text(spec: WorkerSpec, layout: KVLayout) -> str:
     """The full key the transport handshake compares, as JSON for ``Status``."""
-    from kvtransfer.handshake import full_compat
+    from protocol.kv_handshake import full_compat
 
     return json.dumps(full_compat(layout, compat_key(spec)), sort_keys=True)
 

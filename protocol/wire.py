@@ -7,8 +7,8 @@ always all set by the sender, because proto3 cannot tell an unset scalar from ze
 
 from __future__ import annotations
 
-from cluster.proto import worker_pb2 as pb
 from engine.sampling_params import SamplingParams
+from protocol.proto import worker_pb2 as pb
 
 _OPTIONAL = ("seed", "max_tokens", "logprobs")
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cluster.proto import worker_pb2 as cluster_dot_proto_dot_worker__pb2
+from protocol.proto import worker_pb2 as protocol_dot_proto_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in cluster/proto/worker_pb2_grpc.py depends on'
+        + ' but the generated code in protocol/proto/worker_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class DecodeWorkerStub:
         """
         self.Generate = channel.unary_stream(
                 '/splitserve.worker.DecodeWorker/Generate',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.GenerateResponse.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/Abort',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.AbortReply.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.AbortReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/Status',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
                 _registered_method=True)
         self.RenewLease = channel.unary_unary(
                 '/splitserve.worker.DecodeWorker/RenewLease',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.LeaseRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.LeaseReply.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.LeaseReply.FromString,
                 _registered_method=True)
 
 
@@ -89,23 +89,23 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.GenerateRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.GenerateRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.AbortReply.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.AbortReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.StatusRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.WorkerStatus.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.StatusRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.WorkerStatus.SerializeToString,
             ),
             'RenewLease': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewLease,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.LeaseRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.LeaseReply.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.LeaseRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.LeaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,8 +133,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Generate',
-            cluster_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.GenerateResponse.FromString,
+            protocol_dot_proto_dot_worker__pb2.GenerateRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -160,8 +160,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Abort',
-            cluster_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.AbortReply.FromString,
+            protocol_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.AbortReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -187,8 +187,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/Status',
-            cluster_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
+            protocol_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class DecodeWorker:
             request,
             target,
             '/splitserve.worker.DecodeWorker/RenewLease',
-            cluster_dot_proto_dot_worker__pb2.LeaseRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.LeaseReply.FromString,
+            protocol_dot_proto_dot_worker__pb2.LeaseRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.LeaseReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -238,18 +238,18 @@ class PrefillWorkerStub:
         """
         self.RemotePrefill = channel.unary_unary(
                 '/splitserve.worker.PrefillWorker/RemotePrefill',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.RemotePrefillReply.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.RemotePrefillReply.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/splitserve.worker.PrefillWorker/Abort',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.AbortReply.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.AbortReply.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/splitserve.worker.PrefillWorker/Status',
-                request_serializer=cluster_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
-                response_deserializer=cluster_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
+                request_serializer=protocol_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
                 _registered_method=True)
 
 
@@ -279,18 +279,18 @@ def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RemotePrefill': grpc.unary_unary_rpc_method_handler(
                     servicer.RemotePrefill,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.RemotePrefillRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.RemotePrefillReply.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.RemotePrefillRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.RemotePrefillReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.AbortRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.AbortReply.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.AbortRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.AbortReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=cluster_dot_proto_dot_worker__pb2.StatusRequest.FromString,
-                    response_serializer=cluster_dot_proto_dot_worker__pb2.WorkerStatus.SerializeToString,
+                    request_deserializer=protocol_dot_proto_dot_worker__pb2.StatusRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_worker__pb2.WorkerStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -318,8 +318,8 @@ class PrefillWorker:
             request,
             target,
             '/splitserve.worker.PrefillWorker/RemotePrefill',
-            cluster_dot_proto_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.RemotePrefillReply.FromString,
+            protocol_dot_proto_dot_worker__pb2.RemotePrefillRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.RemotePrefillReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,8 +345,8 @@ class PrefillWorker:
             request,
             target,
             '/splitserve.worker.PrefillWorker/Abort',
-            cluster_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.AbortReply.FromString,
+            protocol_dot_proto_dot_worker__pb2.AbortRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.AbortReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -372,8 +372,8 @@ class PrefillWorker:
             request,
             target,
             '/splitserve.worker.PrefillWorker/Status',
-            cluster_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
-            cluster_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
+            protocol_dot_proto_dot_worker__pb2.StatusRequest.SerializeToString,
+            protocol_dot_proto_dot_worker__pb2.WorkerStatus.FromString,
             options,
             channel_credentials,
             insecure,

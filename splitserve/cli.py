@@ -48,7 +48,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from cluster.serve import serve
+    from splitserve.serve import serve
 
     return serve(args.config)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cluster.grpc_auth import token_channel
-from cluster.proto import worker_pb2 as pb
-from cluster.proto import worker_pb2_grpc as pb_grpc
+from protocol.grpc_auth import token_channel
+from protocol.proto import worker_pb2 as pb
+from protocol.proto import worker_pb2_grpc as pb_grpc
 
 
 class PrefillClient:
