@@ -21,6 +21,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from bench.serving.cli import run_command
+
+    return run_command(args)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
     from engine.errors import SplitserveError
@@ -60,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="manage local models")
     msub = models.add_subparsers(dest="models_command", required=True)
     msub.add_parser("pull", help="fetch the embedded SmolLM2-135M-Instruct model").set_defaults(func=_cmd_pull)
+
+    from bench.serving import cli as bench_cli
+
+    b = sub.add_parser("bench", help="load-test an OpenAI-compatible endpoint (TTFT, TPOT, ITL, goodput)",
+                       description=bench_cli.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_cli.add_arguments(b)
+    b.set_defaults(func=_cmd_bench)
 
     g = sub.add_parser("generate", help="generate offline with the engine")
     g.add_argument("prompt", nargs="*", help="user messages (chat template applied unless --raw)")
