@@ -5,7 +5,8 @@
     splitserve bench --compare before.json after.json
 
 Exit status: 0 when every measured request succeeded, 1 when some failed (the report says which
-and why) or the warm-up never got an answer, 2 for bad arguments.
+and why) or the warm-up never got an answer, 2 for bad arguments or a server that cannot be asked
+for its model.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def _bench(args: argparse.Namespace, plan: dict[str, Any]) -> int:
         outcome = asyncio.run(session.run())
     except (SessionError, WorkloadError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted", code=130)
     if not outcome.records:
         first = next((r.error for r in outcome.warmup if r.error), "no answer")
         return _fail(f"every warm-up request failed, not starting the run: {first}", code=1)

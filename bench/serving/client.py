@@ -81,8 +81,11 @@ async def send_request(
                         record.ttft = now
                     parts.append(text)
         record.latency = time.perf_counter() - start
-    except (_StreamError, httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-        record.error = str(e) or type(e).__name__
+    except _StreamError as e:
+        record.error = str(e)
+        return record
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:  # transport failures, malformed events
+        record.error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         return record
     _finish(record, "".join(parts), usage, count_tokens)
     return record

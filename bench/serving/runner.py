@@ -42,13 +42,18 @@ class RunOutcome:
     warmup: list[RequestRecord]
 
 
-def http_client(settings: RunSettings, max_connections: int | None) -> httpx.AsyncClient:
+def http_client(
+    settings: RunSettings, max_connections: int | None, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """One connection pool for the run, as large as the concurrency (httpx's default of 100 would
+    silently cap an uncapped run)."""
     headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
     return httpx.AsyncClient(
         base_url=settings.base_url,
         headers=headers,
         timeout=httpx.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 30.0)),
         limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        transport=transport,
     )
 
 
@@ -59,9 +64,11 @@ async def run(
     prompts: Sequence[Prompt],
     warmup: Sequence[Prompt],
     count_tokens: Callable[[str], int],
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> RunOutcome:
-    """Warm up, then run ``prompts``; every request's record comes back, failed ones included."""
-    async with http_client(settings, arrivals.concurrency) as http:
+    """Warm up, then run ``prompts``; every request's record comes back, failed ones included.
+    No records (only warm-up ones) means no warm-up request got an answer, so the run was not started."""
+    async with http_client(settings, arrivals.concurrency, transport) as http:
         warm = await _warm_up(http, options, arrivals, warmup, count_tokens)
         if warmup and not any(r.ok for r in warm):
             return RunOutcome([], 0.0, warm)
