@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=100, help="measured requests (default 100)")
     for name, default in (("input", 128), ("output", 128)):
-        w.add_argument(f"--{name}-len", type=int, help=f"{name} tokens per request (default {default})")
+        w.add_argument(f"--{name}-len", type=int, help=f"{name} tokens per request (default {default})"
+                       + ("; counted as the model sees them, chat template included" if name == "input" else ""))
         w.add_argument(f"--{name}-len-range", metavar="A:B", help=f"{name} tokens uniform in [A, B]")
         w.add_argument(f"--{name}-len-std", type=float, metavar="S", help=f"{name} tokens normal around --{name}-len")
     w.add_argument("--shared-prefix", type=int, default=0, metavar="P", help="prompts share a P-token prefix")
@@ -43,16 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     w.add_argument("--seed", type=int, default=0, help="seeds prompts, lengths and Poisson arrivals")
     w.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                    help="generate exactly the requested output tokens (default on)")
-    w.add_argument("--temperature", type=float, default=0.0)
+    w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     w.add_argument("--extra-body", type=json.loads, default={}, metavar="JSON", help="merged into every request")
     w.add_argument("--include-usage", action=argparse.BooleanOptionalAction, default=True,
                    help="ask for stream usage (else output tokens are counted with the tokenizer)")
     a = p.add_argument_group("load")
     a.add_argument("--request-rate", type=float, default=math.inf, help="requests/s (default: all at once)")
-    a.add_argument("--arrival", choices=("poisson", "constant"), default="poisson")
+    a.add_argument("--arrival", choices=("poisson", "constant"), default="poisson",
+                   help="gaps between sends at --request-rate (default poisson)")
     a.add_argument("--concurrency", type=int, help="at most this many requests in flight")
     a.add_argument("--warmup", type=int, default=2, help="unrecorded requests sent first (default 2)")
-    a.add_argument("--duration", type=float, help="stop sending after this many seconds")
+    a.add_argument("--duration", type=float,
+                   help="stop sending after this many seconds (the run also ends once --num-prompts are sent)")
     a.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
     o = p.add_argument_group("output")
     o.add_argument("--goodput", nargs="+", default=[], metavar="KEY:MS", help="targets, e.g. ttft:1000 tpot:40")

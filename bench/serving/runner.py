@@ -110,10 +110,9 @@ async def _measure(
 
     try:
         for i, (prompt, due) in enumerate(zip(prompts, arrivals.offsets(len(prompts)))):
-            wait = due - (time.perf_counter() - start)
             if due >= deadline:
                 break
-            if wait > 0:
+            if (wait := due - (time.perf_counter() - start)) > 0:
                 await asyncio.sleep(wait)
             if slots is not None:
                 await slots.acquire()
