@@ -103,8 +103,10 @@ def _base_url(url: str) -> str:
 
 
 def _bench(args: argparse.Namespace, plan: dict[str, Any]) -> int:
-    from bench.serving.session import BenchSession, SessionError
-
+    try:
+        from bench.serving.session import BenchSession, SessionError
+    except ModuleNotFoundError as e:  # httpx ships with the dev extras; --compare does not need it
+        return _fail(f"running a benchmark needs the {e.name!r} package (pip install {e.name})")
     try:
         session = BenchSession.open(args, plan)
         outcome = asyncio.run(session.run())

@@ -42,7 +42,10 @@ class ResultFileError(ValueError):
 
 
 def git_commit() -> str | None:
-    """The splitserve checkout's HEAD (None outside a git checkout)."""
+    """The splitserve checkout's HEAD, or ``SPLITSERVE_COMMIT`` where the tree was copied without
+    its .git (as `bench.common` does); None otherwise."""
+    if os.environ.get("SPLITSERVE_COMMIT"):
+        return os.environ["SPLITSERVE_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
