@@ -17,13 +17,13 @@ from collections.abc import Iterator
 import grpc
 
 from decode_worker.loop import DecodeLoop, DecodeLoopConfig
-from decode_worker.messages import NewRequest, PrefillTarget, StreamError, TokenChunk
+from decode_worker.messages import NewRequest, StreamError
 from decode_worker.prefill_peers import PrefillPeers
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from protocol.proto import worker_pb2 as pb
 from protocol.proto import worker_pb2_grpc as pb_grpc
-from protocol.wire import params_from_proto
+from protocol.wire import chunk_to_proto, params_from_proto, prefill_target_from_proto
 from protocol.worker_spec import WorkerSpec
 from worker_runtime.runtime import (
     RunningWorker,
@@ -77,7 +77,7 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             if isinstance(ev, StreamError):
                 done.set()
                 context.abort(grpc.StatusCode[ev.code], ev.message)
-            yield _to_proto(ev)
+            yield chunk_to_proto(ev)
             if ev.finish_reason is not None:
                 remaining -= 1
         done.set()
@@ -87,16 +87,12 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must not be empty")
         try:
             params = params_from_proto(request.params)
+            prefill = prefill_target_from_proto(request)
         except InvalidRequestError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if request.timeout_s < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"timeout_s: must be >= 0, got {request.timeout_s}")
-        prefill = None
-        if request.HasField("prefill"):
-            if not request.prefill.address:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prefill.address: must not be empty")
-            prefill = PrefillTarget(request.prefill.worker_id, request.prefill.address)
         timeout = request.timeout_s or self.default_timeout_s
         deadline = time.monotonic() + timeout if timeout > 0 else None
         return NewRequest(request.request_id, list(request.prompt_token_ids), params, prefill, deadline)
@@ -121,19 +117,6 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             num_handovers=t.num_handovers, decode_step_p50_ms=t.step_p50_ms,
             num_preemptions=s.num_preemptions, num_leases=s.num_leases, integrity_error=s.integrity_error,
         )
-
-
-def _to_proto(ev: TokenChunk) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(
-        index=ev.index, token_ids=ev.token_ids, text=ev.text, finish_reason=ev.finish_reason or "",
-        stop_reason=ev.stop_reason or "", prompt_tokens=ev.prompt_tokens, cached_tokens=ev.cached_tokens,
-        prefill_worker=ev.prefill_worker,
-    )
-    for lp in ev.logprobs or ():
-        msg.logprobs.append(pb.TokenLogprobs(
-            logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top.items()],
-        ))
-    return msg
 
 
 def start_decode_worker(spec: WorkerSpec, token: str) -> RunningWorker:

@@ -1,6 +1,9 @@
-"""`DecodeClient` / `AsyncDecodeClient`: the router's (and tests') handle on one decode worker.
+"""`DecodeClient` / `AsyncDecodeClient`: the one client of a decode worker's gRPC API.
 
-``generate`` streams `GenerateChunk`s. Leaving the stream early (``close()``, ``break`` out of
+The router streams through `AsyncDecodeClient` (grpc.aio, on its event loop); the data-plane
+tests and tools use the blocking `DecodeClient`. Both build the request and read the stream
+through `protocol.wire`, so there is one conversion each way. ``generate`` streams the decode
+loop's own `TokenChunk`s. Leaving the stream early (``close()``, ``break`` out of
 an ``async for``, a deadline) cancels the RPC, and the worker then aborts the request and
 frees its blocks on both sides. Failures arrive as `DecodeRequestError` carrying the gRPC
 status name; a rejected input raises the engine's `InvalidRequestError` (an HTTP 400 upstream).
@@ -8,8 +11,7 @@ status name; a rejected input raises the engine's `InvalidRequestError` (an HTTP
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 
@@ -18,64 +20,38 @@ from engine.sampling_params import SamplingParams
 from protocol.grpc_auth import CHANNEL_OPTIONS, token_channel, token_metadata
 from protocol.proto import worker_pb2 as pb
 from protocol.proto import worker_pb2_grpc as pb_grpc
-from protocol.stream import PrefillTarget, TokenLogprob
-from protocol.wire import params_to_proto
+from protocol.stream import PrefillTarget, TokenChunk
+from protocol.wire import chunk_from_proto, generate_request_to_proto
+
+FAILED_POOL_HEADER = "x-splitserve-failed-pool"
+"""Trailing metadata a decode worker may set ("prefill" / "decode") to say whose failure it was."""
 
 
 class DecodeRequestError(SplitserveError):
-    """A generate call failed on the worker side or in transit; ``code`` is a grpc status name."""
+    """A generate call failed on the worker side or in transit; ``code`` is a grpc status name,
+    ``failed_pool`` what the worker's `FAILED_POOL_HEADER` said (None when it said nothing)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, failed_pool: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.failed_pool = failed_pool
 
 
-@dataclass(frozen=True)
-class GenerateChunk:
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None
-    finish_reason: str | None
-    stop_reason: str | None
-    prompt_tokens: int
-    cached_tokens: int
-    prefill_worker: str
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-def build_request(
-    request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-    prefill: PrefillTarget | None = None, timeout_s: float = 0.0,
-) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(
-        request_id=request_id, prompt_token_ids=prompt_token_ids, params=params_to_proto(params),
-        timeout_s=timeout_s,
-    )
-    if prefill is not None:
-        req.prefill.CopyFrom(pb.PrefillTarget(worker_id=prefill.worker_id, address=prefill.address))
-    return req
-
-
-def chunk_from_proto(msg: pb.GenerateResponse, want_logprobs: bool) -> GenerateChunk:
-    lps = None
-    if want_logprobs:
-        lps = [TokenLogprob(lp.logprob, {t.token_id: t.logprob for t in lp.top}) for lp in msg.logprobs]
-    return GenerateChunk(
-        msg.index, list(msg.token_ids), msg.text, lps, msg.finish_reason or None, msg.stop_reason or None,
-        msg.prompt_tokens, msg.cached_tokens, msg.prefill_worker,
-    )
+def _failed_pool(e: grpc.RpcError) -> str | None:
+    trailing = getattr(e, "trailing_metadata", None)
+    for key, value in (trailing() if trailing is not None else None) or ():
+        if key == FAILED_POOL_HEADER:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
 
 
 def error_from_rpc(e: grpc.RpcError) -> Exception:
-    code = e.code()
+    code = e.code()  # type: ignore[attr-defined]
+    details = e.details() or ""  # type: ignore[attr-defined]
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequestError(e.details() or "invalid request")
-    return DecodeRequestError(code.name if code is not None else "UNKNOWN", e.details() or "")
+        return InvalidRequestError(details or "invalid request")
+    return DecodeRequestError(code.name if code is not None else "UNKNOWN", details, _failed_pool(e))
 
 
 class GenerateStream:
@@ -86,7 +62,7 @@ class GenerateStream:
         self._lp = want_logprobs
         self._closed = False
 
-    def __iter__(self) -> Iterator[GenerateChunk]:
+    def __iter__(self) -> Iterator[TokenChunk]:
         try:
             for msg in self._call:
                 yield chunk_from_proto(msg, self._lp)
@@ -107,12 +83,12 @@ class DecodeClient:
         self._stub = pb_grpc.DecodeWorkerStub(self._channel)
 
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
         prefill: PrefillTarget | None = None, timeout_s: float = 0.0, rpc_timeout: float | None = None,
     ) -> GenerateStream:
         """``timeout_s``: the worker's deadline for the request; ``rpc_timeout``: the gRPC deadline
         (the call is cancelled when it passes, which the worker treats as a client gone)."""
-        req = build_request(request_id, prompt_token_ids, params, prefill, timeout_s)
+        req = generate_request_to_proto(request_id, prompt_token_ids, params, prefill, timeout_s)
         return GenerateStream(self._stub.Generate(req, timeout=rpc_timeout), params.logprobs is not None)
 
     def abort(self, request_id: str, timeout: float = 10.0) -> bool:
@@ -138,7 +114,9 @@ class DecodeClient:
 
 
 class AsyncDecodeClient:
-    """The same API on grpc.aio, for the router's event loop."""
+    """The same API on grpc.aio, for the router's event loop (create it on the loop that uses it:
+    a grpc.aio channel belongs to one loop). The router keeps one per decode address for its
+    lifetime; the channel reconnects by itself, so a worker restarted on the address just works."""
 
     def __init__(self, address: str, token: str = "") -> None:
         self.address = address
@@ -147,10 +125,10 @@ class AsyncDecodeClient:
         self._stub = pb_grpc.DecodeWorkerStub(self._channel)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *,
         prefill: PrefillTarget | None = None, timeout_s: float = 0.0, rpc_timeout: float | None = None,
-    ) -> AsyncIterator[GenerateChunk]:
-        req = build_request(request_id, prompt_token_ids, params, prefill, timeout_s)
+    ) -> AsyncIterator[TokenChunk]:
+        req = generate_request_to_proto(request_id, prompt_token_ids, params, prefill, timeout_s)
         call = self._stub.Generate(req, timeout=rpc_timeout, metadata=self._md)
         try:
             async for msg in call:

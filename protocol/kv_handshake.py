@@ -18,7 +18,7 @@ import msgpack
 import torch
 
 from engine.kv_cache_pool import KVLayout
-from kvtransfer.errors import IncompatiblePeerError, PeerAuthError, ProtocolError
+from protocol.errors import IncompatiblePeerError, PeerAuthError, ProtocolError
 
 WIRE_VERSION = 1
 _MAX_METADATA_BYTES = 16 << 20  # NIXL agent metadata is a few KiB; anything huge is hostile

@@ -1,7 +1,10 @@
 """What a decode worker's stream carries, in the engine's terms: the contract between the
 decode worker (producer), its gRPC servicer and every client of it (the router, the tests).
 
-`protocol.wire` converts these to and from the worker API's protobuf messages, once each way.
+A token delta has three shapes on its way out, and only three: the engine's `RequestOutput`
+inside the worker, `TokenChunk` here (the decode loop makes it; `protocol.wire` converts it to
+and from ``GenerateResponse``, once each way; `protocol.decode_client` yields it) and the
+router's `TokenDelta`, which adds nothing but the router's first-delta bookkeeping.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ class PrefillTarget:
 
 @dataclass(frozen=True)
 class TokenLogprob:
+    """Logprob of one sampled token and its top alternatives (token id -> logprob).
+
+    It belongs to the token at the same position of its chunk's ``token_ids``, which is why it
+    does not repeat the id. Logprobs cross the wire as float32.
+    """
+
     logprob: float
     top: dict[int, float]
 

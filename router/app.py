@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from cluster.config import ClusterConfig
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from protocol.control_plane import ControlPlane
@@ -42,8 +41,9 @@ from router.errors import (
     to_api_error,
 )
 from router.metrics import RouterMetrics
-from router.policy import PolicySettings, make_policy
+from router.policy import make_policy
 from router.render import ChatRenderer, ChoiceJob, CompletionRenderer, Renderer, Tracker, merge_choices
+from router.settings import RouterSettings
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": P.ErrorResponse, "description": desc}
@@ -59,7 +59,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @dataclass
 class RouterState:
-    config: ClusterConfig
+    settings: RouterSettings
     backend: GenerationBackend
     cluster: ClusterView
     dispatcher: Dispatcher
@@ -90,15 +90,15 @@ class _CountStatus:
 
 
 def create_app(
-    config: ClusterConfig, backend: GenerationBackend, control_plane: ControlPlane | None = None
+    settings: RouterSettings, backend: GenerationBackend, control_plane: ControlPlane | None = None
 ) -> FastAPI:
     """The router app; with ``control_plane`` None it routes over `app.state.router.cluster`,
     which callers may fill by hand (or leave empty to let the backend pick workers)."""
     cluster = ClusterView(control_plane)
     metrics = RouterMetrics(cluster.workers)
-    policy = make_policy(config.router.policy, PolicySettings.from_config(config))
-    dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=config.router.max_retries)
-    state = RouterState(config, backend, cluster, dispatcher, metrics, int(time.time()))
+    policy = make_policy(settings.policy, settings.routing)
+    dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=settings.max_retries)
+    state = RouterState(settings, backend, cluster, dispatcher, metrics, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -119,7 +119,7 @@ def create_app(
     app.state.router = state
     install_error_handlers(app)
     app.add_middleware(_CountStatus, metrics=metrics)
-    keys = [k.encode() for k in config.router.api_keys]
+    keys = [k.encode() for k in settings.api_keys]
 
     async def check_api_key(request: Request) -> None:
         if not keys:
@@ -152,7 +152,7 @@ def create_app(
                 f"messages: cannot apply the chat template: {e}", param="messages"
             ) from None
         ids = await _encode(tok, text, add_special_tokens=False)
-        renderer = ChatRenderer(P.new_id("chatcmpl"), state.config.model_name, tok, body.num_logprobs)
+        renderer = ChatRenderer(P.new_id("chatcmpl"), settings.model_name, tok, body.num_logprobs)
         return await _serve(state, request, body, [ids], "messages", renderer, arrival)
 
     @app.post(
@@ -171,14 +171,12 @@ def create_app(
         vocab = getattr(tok, "vocab_size", None)
         if isinstance(vocab, int) and any(t >= vocab for ids in prompts for t in ids):
             raise BadRequestError(f"prompt: token ids must be < vocab size {vocab}", param="prompt")
-        renderer = CompletionRenderer(P.new_id("cmpl"), state.config.model_name, tok, body.num_logprobs)
+        renderer = CompletionRenderer(P.new_id("cmpl"), settings.model_name, tok, body.num_logprobs)
         return await _serve(state, request, body, prompts, "prompt", renderer, arrival)
 
     @app.get("/v1/models", response_model=P.ModelList, responses=_ERROR_RESPONSES, dependencies=v1)
     async def models() -> P.ModelList:
-        card = P.ModelCard(
-            id=state.config.model_name, created=state.created, max_model_len=state.config.max_model_len
-        )
+        card = P.ModelCard(id=settings.model_name, created=state.created, max_model_len=settings.max_model_len)
         return P.ModelList(data=[card])
 
     @app.get("/health", responses={503: {"model": P.ErrorResponse}})
@@ -198,9 +196,9 @@ def create_app(
 
 
 def _check_model(state: RouterState, model: str) -> None:
-    if model not in (state.config.model_name, state.config.model):
+    if not state.settings.serves(model):
         raise ModelNotFoundError(
-            f"model {model!r} does not exist; this server serves {state.config.model_name!r}", param="model"
+            f"model {model!r} does not exist; this server serves {state.settings.model_name!r}", param="model"
         )
 
 
@@ -245,7 +243,7 @@ async def _serve(
     renderer: Renderer,
     arrival: float,
 ) -> Response:
-    max_len = state.config.max_model_len
+    max_len = state.settings.max_model_len
     jobs: list[ChoiceJob] = []
     for ids in prompts:
         if not ids:
@@ -276,7 +274,7 @@ async def _serve(
             jobs.append(ChoiceJob(len(jobs), routed, child))
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
     request_id = renderer.response_id
-    deadline = deadline_after(state.config.router.request_timeout_s)
+    deadline = deadline_after(state.settings.request_timeout_s)
     streams = [state.dispatcher.stream(j.routed, f"{request_id}-{j.index}", j.params, deadline) for j in jobs]
     merged = merge_choices(streams, request, deadline)
     prompt_tokens = sum(len(p) for p in prompts)

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.sampling_params import SamplingParams
+from protocol.stream import TokenLogprob
 
 
 class Tokenizer(Protocol):
@@ -59,22 +60,15 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
-class TokenLogprob:
-    """Logprob of one sampled token and its top alternatives (token id -> logprob)."""
-
-    token_id: int
-    logprob: float
-    top_logprobs: dict[int, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class TokenDelta:
-    """What one step added to a sequence.
+    """What one step added to a sequence: the router's side of the decode stream's `TokenChunk`.
 
+    It keeps only what the HTTP layer renders, so a scripted backend has little to fill in.
     ``finish_reason`` is set on the last delta only: ``"stop"`` (EOS, stop token or string),
     ``"length"`` (max_tokens or max_model_len) or ``"abort"``. ``logprobs`` has one entry per
-    id in ``token_ids`` when the request asked for logprobs. ``cached_tokens`` (first delta
-    only, optional) is how many prompt tokens came from a prefix cache.
+    id in ``token_ids``, in order, when the request asked for logprobs (the stream's own
+    `TokenLogprob`). ``cached_tokens`` (first delta only, optional) is how many prompt tokens
+    came from a prefix cache.
     """
 
     token_ids: list[int]
@@ -82,6 +76,10 @@ class TokenDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     cached_tokens: int | None = None
+
+    def token_logprobs(self) -> list[tuple[int, TokenLogprob]]:
+        """Each sampled id with its logprob (empty when none were asked for)."""
+        return list(zip(self.token_ids, self.logprobs or ()))
 
 
 class GenerationBackend(abc.ABC):

@@ -22,14 +22,10 @@ import abc
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from protocol.registry import BlockHash, LoadSnapshot, WorkerInfo
 from router.errors import NoWorkersError, QueueFullError
 from router.prefix_index import PrefixIndex
-
-if TYPE_CHECKING:
-    from cluster.config import ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -81,16 +77,6 @@ class PolicySettings:
     decode_weight: float = 32.0  # prompt tokens one running/queued sequence is worth
     kv_weight: float = 1024.0  # prompt tokens a completely full KV cache is worth
     transfer_weight: float = 0.05  # per uncached token a decode worker must receive over the wire
-
-    @classmethod
-    def from_config(cls, config: ClusterConfig) -> PolicySettings:
-        r = config.router
-        return cls(
-            block_size=config.block_size,
-            disagg_threshold=r.disagg_threshold,
-            prefill_queue_limit=r.prefill_queue_limit,
-            max_queued_requests=r.max_queued_requests,
-        )
 
 
 class RoutingPolicy(abc.ABC):

@@ -23,8 +23,9 @@ from typing import Any
 from fastapi import Request
 
 from engine.sampling_params import SamplingParams
+from protocol.stream import TokenLogprob
 from router import protocol as P
-from router.backend import TokenDelta, Tokenizer, TokenLogprob
+from router.backend import TokenDelta, Tokenizer
 from router.dispatch import RoutedPrompt
 from router.errors import ClientDisconnectedError, RequestTimeoutError
 from router.metrics import RouterMetrics
@@ -96,7 +97,7 @@ async def merge_choices(
 class _Choice:
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+    logprobs: list[tuple[int, TokenLogprob]] = field(default_factory=list)  # (sampled id, its logprob)
     finish_reason: str | None = None
     first_at: float | None = None
     last_at: float | None = None
@@ -130,7 +131,7 @@ class Tracker:
         if delta.text:
             c.text.append(delta.text)
         if delta.logprobs:
-            c.logprobs.extend(delta.logprobs)
+            c.logprobs.extend(delta.token_logprobs())
         if delta.finish_reason is not None:
             c.finish_reason = delta.finish_reason
         if delta.cached_tokens is not None:
@@ -177,7 +178,7 @@ class Renderer:
         return s
 
     def top(self, lp: TokenLogprob) -> list[tuple[str, float]]:
-        ranked = sorted(lp.top_logprobs.items(), key=lambda kv: -kv[1])[: self.num_logprobs or 0]
+        ranked = sorted(lp.top.items(), key=lambda kv: -kv[1])[: self.num_logprobs or 0]
         return [(self.token_text(t), v) for t, v in ranked]
 
     def chunks(self, tracker: Tracker, index: int, delta: TokenDelta, include_usage: bool) -> list[Any]:
@@ -191,12 +192,12 @@ class Renderer:
 
 
 class ChatRenderer(Renderer):
-    def _logprobs(self, lps: list[TokenLogprob] | None) -> P.ChatLogprobs | None:
+    def _logprobs(self, lps: list[tuple[int, TokenLogprob]] | None) -> P.ChatLogprobs | None:
         if self.num_logprobs is None or lps is None:
             return None
         content = []
-        for lp in lps:
-            s = self.token_text(lp.token_id)
+        for token_id, lp in lps:
+            s = self.token_text(token_id)
             top = [P.TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in self.top(lp)]
             content.append(
                 P.ChatTokenLogprob(token=s, logprob=lp.logprob, bytes=list(s.encode()), top_logprobs=top)
@@ -221,7 +222,7 @@ class ChatRenderer(Renderer):
             choice = P.ChatChunkChoice(
                 index=index,
                 delta=P.ChatDelta(content=delta.text or None),
-                logprobs=self._logprobs(delta.logprobs) if delta.logprobs else None,
+                logprobs=self._logprobs(delta.token_logprobs()) if delta.logprobs else None,
                 finish_reason=delta.finish_reason,
             )
             out.append(self._chunk([choice]))
@@ -251,12 +252,12 @@ class ChatRenderer(Renderer):
 
 
 class CompletionRenderer(Renderer):
-    def _logprobs(self, lps: list[TokenLogprob] | None, offset: int) -> P.CompletionLogprobs | None:
+    def _logprobs(self, lps: list[tuple[int, TokenLogprob]] | None, offset: int) -> P.CompletionLogprobs | None:
         if self.num_logprobs is None or lps is None:
             return None
         out = P.CompletionLogprobs()
-        for lp in lps:
-            s = self.token_text(lp.token_id)
+        for token_id, lp in lps:
+            s = self.token_text(token_id)
             out.tokens.append(s)
             out.token_logprobs.append(lp.logprob)
             out.top_logprobs.append(dict(self.top(lp)))
@@ -277,7 +278,7 @@ class CompletionRenderer(Renderer):
         choice = P.CompletionChoice(
             index=index,
             text=delta.text,
-            logprobs=self._logprobs(delta.logprobs, offset) if delta.logprobs else None,
+            logprobs=self._logprobs(delta.token_logprobs(), offset) if delta.logprobs else None,
             finish_reason=delta.finish_reason,
         )
         return [self._chunk([choice])]

@@ -38,6 +38,7 @@ from cluster.redis_server import EmbeddedRedis, RedisServerError
 from engine.errors import SplitserveError
 from protocol.control_plane import ControlPlane
 from protocol.worker_spec import WorkerSpec
+from splitserve.router_settings import router_settings
 from worker_runtime.agent import DEFAULT_TTL_S, PARENT_PID_ENV, REDIS_URL_ENV, REGISTRY_TTL_ENV
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class LocalCluster:
         out: TextIO | None = None,
     ) -> None:
         self.config = config
+        self.router_settings = router_settings(config)  # a bad router.* field fails here, before any start
         self.router_host = config.router.host
         self.router_port = config.router.port if router_port is None else router_port
         self.worker_overrides = dict(worker_overrides or {})
@@ -230,7 +232,7 @@ class LocalCluster:
         model = self.workers[0].spec.model
         backend = GrpcBackend(load_tokenizer(model), self.token)
         router_cp = ControlPlane.from_url(self.redis_url, ttl_s=self.registry_ttl_s)
-        app = create_app(self.config, backend, router_cp)
+        app = create_app(self.router_settings, backend, router_cp)
         view = app.state.router.cluster
         backend.set_lookup(lambda wid: next((w.info for w in view.workers() if w.worker_id == wid), None))
         self.app = app
@@ -318,6 +320,7 @@ def serve(config_path: str | Path | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(config_path)
+        router_settings(config)  # the router's own checks (policy name) at load time too
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,9 +10,10 @@ from pathlib import Path
 from cluster.local_workers import WorkerProcess
 from decode_worker.messages import PrefillTarget
 from engine.sampling_params import SamplingParams
-from protocol.decode_client import DecodeClient, GenerateChunk
+from protocol.decode_client import DecodeClient
 from protocol.prefill_client import PrefillClient
 from protocol.proto import worker_pb2 as pb
+from protocol.stream import TokenChunk
 from protocol.worker_spec import WorkerSpec
 
 TOKEN = "test-cluster-token"
@@ -46,7 +47,7 @@ class Cluster:
         return PrefillTarget(self.prefill.worker_id, self.prefill.address)
 
     def generate(self, prompt: list[int], params: SamplingParams, *, remote: bool = True,
-                 **kw: object) -> list[GenerateChunk]:
+                 **kw: object) -> list[TokenChunk]:
         stream = self.client.generate(
             f"req-{uuid.uuid4().hex[:12]}", prompt, params, prefill=self.target if remote else None, **kw,
         )
@@ -69,7 +70,7 @@ class Cluster:
             time.sleep(0.1)
 
 
-def tokens_of(chunks: list[GenerateChunk]) -> list[int]:
+def tokens_of(chunks: list[TokenChunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
 
 

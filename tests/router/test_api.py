@@ -22,14 +22,16 @@ from schemathesis import GenerationMode
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from cluster.config import config_from_dict
 from cluster.redis_server import EmbeddedRedis, free_port
 from engine.block_hash import prompt_block_hashes
 from protocol.control_plane import ControlPlane
 from protocol.registry import KVEvent, KVEventBatch, LoadSnapshot, WorkerInfo
+from protocol.stream import TokenLogprob
 from router.app import create_app
-from router.backend import GenerateRequest, GenerationBackend, TokenDelta, TokenLogprob
+from router.backend import GenerateRequest, GenerationBackend, TokenDelta
 from router.errors import PrefillFailedError, QueueFullError, WorkerUnavailableError
+from router.policy import PolicySettings
+from router.settings import RouterSettings
 
 SCRIPT = "The quick brown fox jumps over the lazy dog."
 MAX_LEN = 256
@@ -113,7 +115,7 @@ class ScriptedBackend(GenerationBackend):
                 text += piece
                 lps = None
                 if p.logprobs is not None:
-                    lps = [TokenLogprob(tid, -0.25, {tid: -0.25, 5: -1.5, 6: -2.5, 7: -3.5, 8: -4.5})]
+                    lps = [TokenLogprob(-0.25, {tid: -0.25, 5: -1.5, 6: -2.5, 7: -3.5, 8: -4.5})]
                 yield TokenDelta(
                     [tid], piece, lps, finish, request.expected_cached_tokens if k == 0 else None
                 )
@@ -153,8 +155,8 @@ class Server:
         self.thread.join(timeout=10)
 
 
-def _config(**router: Any) -> Any:
-    return config_from_dict({"max_model_len": MAX_LEN, "router": {"disagg_threshold": 32, **router}})
+def _config(**settings: Any) -> RouterSettings:
+    return RouterSettings(max_model_len=MAX_LEN, routing=PolicySettings(disagg_threshold=32), **settings)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 from cluster.redis_server import free_port
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from protocol.decode_client import FAILED_POOL_HEADER
 from protocol.grpc_auth import TokenInterceptor
 from protocol.proto import worker_pb2 as pb
 from protocol.proto import worker_pb2_grpc as pb_grpc
@@ -30,7 +31,7 @@ from router.errors import (
     ServiceUnavailableError,
     WorkerUnavailableError,
 )
-from router.grpc_backend import FAILED_POOL_HEADER, GrpcBackend
+from router.grpc_backend import GrpcBackend
 
 TOKEN = "secret"
 
@@ -122,8 +123,8 @@ def test_streams_deltas_with_prefill_target_and_logprobs(decode: tuple[ScriptedD
     assert [d.token_ids for d in deltas] == [[7], [8, 9], []]
     assert "".join(d.text for d in deltas) == "abc" and deltas[-1].finish_reason == "length"
     assert [d.cached_tokens for d in deltas] == [32, None, None]  # first delta only
-    assert deltas[1].logprobs is not None and [lp.token_id for lp in deltas[1].logprobs] == [8, 9]
-    assert deltas[0].logprobs[0].top_logprobs == {7: -0.5}
+    assert deltas[1].logprobs is not None and [t for t, _ in deltas[1].token_logprobs()] == [8, 9]
+    assert deltas[0].logprobs is not None and deltas[0].logprobs[0].top == {7: -0.5}
     sent = servicer.requests[-1]
     assert sent.prefill.worker_id == "p0" and sent.prefill.address == "10.0.0.9:1234"
     assert list(sent.prompt_token_ids) == [1, 2, 3]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import load_config
 from engine.block_hash import prompt_block_hashes
 from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
 from router.errors import NoWorkersError, QueueFullError
@@ -49,8 +48,6 @@ def test_registry() -> None:
     assert isinstance(make_policy("kv_aware", SETTINGS), KVAwarePolicy)
     with pytest.raises(ValueError, match=r"router\.policy"):
         make_policy("nope", SETTINGS)
-    s = PolicySettings.from_config(load_config(None))
-    assert (s.block_size, s.disagg_threshold) == (16, 256)
 
 
 def test_short_prompt_stays_on_least_loaded_decode() -> None:
