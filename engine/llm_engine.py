@@ -20,6 +20,7 @@ from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, StepResult
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import RequestOutput
+from engine.parallel import ParallelGroup
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -42,7 +43,8 @@ class LLMEngine:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model_config, self.model = load_model(
-            cfg.model, cfg.dtype, cfg.device, max_positions=cfg.scheduler.max_model_len,
+            cfg.model, cfg.dtype, cfg.device, group=ParallelGroup.from_config(cfg.parallel),
+            max_positions=cfg.scheduler.max_model_len,
             random_weights=cfg.random_weights, seed=cfg.seed,
         )
         self.tokenizer = tokenizer if tokenizer is not None else _try_tokenizer(cfg.model)

@@ -138,11 +138,11 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance progress, append sampled tokens, and publish newly full blocks to the prefix cache."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
+        """Advance progress, append sampled tokens (several per sequence once speculative decoding
+        accepts drafts), and publish newly full blocks to the prefix cache."""
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
-            if seq.seq_id in sampled:
-                seq.output_token_ids.append(sampled[seq.seq_id])
+            seq.output_token_ids.extend(sampled.get(seq.seq_id, ()))
             self.blocks.commit(seq.seq_id, seq.token_slice(0, seq.num_computed_tokens))

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import queue
 import time
+from dataclasses import dataclass
 from typing import TypeVar
 
 from engine.block_manager import BlockIntegrityError, BlockManager
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StopMsg:
+    """Put in an engine thread's inbox: the thread fails what it holds and returns."""
 
 
 def drain_inbox(inbox: queue.Queue[T], timeout: float) -> list[T]:
