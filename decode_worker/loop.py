@@ -3,33 +3,26 @@
 One thread owns the `LLMEngine`; gRPC threads reach it only through ``inbox`` and read
 results from per-request queues (see `decode_worker.messages`). Each iteration::
 
-    drain inbox -> admit remote prefills -> poll KV notifications -> expire -> step -> publish
+    drain inbox -> engine.step() -> emit -> publish
 
-A remote request goes ``pending`` (waiting for decode blocks) -> ``prefilling`` (blocks
-allocated and leased to a prefill worker) -> ``running`` (its KV landed; in the batch). An
-abort of a ``prefilling`` request ends the client's stream at once but frees the blocks only
-after the prefill worker confirmed it stopped writing them (``aborting``): freeing earlier
-would let a late write land in blocks that another sequence already owns. The same holds when
-the RemotePrefill call itself failed in transit: the peer may still have received it.
-
-Each attempt to prefill remotely gets its own transfer id (``<request id>#<n>``), which is
-what the prefill worker, its notifications and the leases know: a late message of an old
-attempt can never be taken for a retry of the same request.
+Remote prefills are the engine's `DecodeKVConnector` (`decode_worker.connector`): it polls
+the prefill workers' notifications and RPC answers inside the step, leases the blocks, and
+holds an aborted request's blocks until its prefill worker confirmed it stopped writing.
+This loop only tracks the client streams: which sequences of a request have ended, and
+its deadline.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
+from decode_worker.connector import DecodeKVConnector
 from decode_worker.leases import LeaseTable
 from decode_worker.messages import (
     AbortMsg,
@@ -45,10 +38,10 @@ from decode_worker.messages import (
 )
 from decode_worker.prefill_peers import PrefillPeers
 from decode_worker.stats import DecodeSnapshot, LoopTimings
-from engine.errors import InvalidRequestError, OutOfBlocksError, PromptTooLongError
+from engine.errors import InvalidRequestError, PromptTooLongError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from protocol import prefill_notify
+from kvtransfer.base import KVTransport
 from worker_runtime.agent import KVEventRelay
 from worker_runtime.engine_loop import IdleIntegrityCheck, drain_inbox
 
@@ -65,19 +58,17 @@ class DecodeLoopConfig:
 
 
 @dataclass
-class _Live:
+class _Stream:
+    """A client stream: open until each of its ``n`` sequences ended."""
+
     req: NewRequest
-    state: str  # "local" | "pending" | "prefilling" | "running" | "aborting"
-    transfer: str = ""  # transfer id of the current remote prefill attempt
-    agent: str = ""  # the prefill worker's transport name, once it accepted
-    cached_tokens: int = 0
     counted: bool = False  # prompt tokens added to the status counters
     finished_idx: set[int] = field(default_factory=set)
 
 
 class DecodeLoop:
     def __init__(
-        self, engine: LLMEngine, transport: Any, peers: PrefillPeers | None, cfg: DecodeLoopConfig
+        self, engine: LLMEngine, transport: KVTransport | None, peers: PrefillPeers | None, cfg: DecodeLoopConfig
     ) -> None:
         self.engine = engine
         self.transport = transport
@@ -86,10 +77,9 @@ class DecodeLoop:
         self.inbox: queue.Queue[InboxMsg] = queue.Queue()
         self.leases = LeaseTable(cfg.lease_s)
         self.timings = LoopTimings()
-        self._live: dict[str, _Live] = {}
-        self._pending: deque[str] = deque()
-        self._transfers: dict[str, str] = {}  # transfer id -> request id (prefilling/aborting)
-        self._attempts = itertools.count()
+        self.connector = DecodeKVConnector(transport, peers, self.leases, self.timings, engine.layout.block_size)
+        engine.attach_kv_connector(self.connector)
+        self._live: dict[str, _Stream] = {}
         self._deadlines: dict[str, float] = {}
         self._tokens_computed = 0
         self._integrity = IdleIntegrityCheck(cfg.integrity_every_s)
@@ -132,18 +122,15 @@ class DecodeLoop:
                     return
                 for m in msgs:
                     self._handle(m)
-                self._admit_pending()
-                self._poll_transport()
                 self._expire()
-                if self.engine.scheduler.has_unfinished():
-                    self._step()
+                self._step()
             except Exception:  # a bug must not leave streams hanging forever
                 log.exception("decode loop iteration failed; failing its requests")
                 self._fail_all("INTERNAL", "decode worker error (see its log)")
             self._publish()
 
     def _wait_time(self) -> float:
-        if self.engine.scheduler.has_unfinished():
+        if self.engine.has_schedulable_requests():
             return 0.0
         if self.leases:
             return self.cfg.notify_poll_s
@@ -159,26 +146,8 @@ class DecodeLoop:
                 self._abort(m.request_id, TokenChunk([], "", None, "abort", None, 0, 0, ""))
             else:
                 self._abort(m.request_id, StreamError("CANCELLED", m.reason))
-        elif isinstance(m, PrefillReply):
-            self._prefill_reply(m)
-        elif isinstance(m, PeerAbortDone):
-            live = self._by_transfer(m.transfer_id, "aborting")
-            if live is not None:
-                del self._transfers[m.transfer_id]
-                del self._live[live.req.request_id]
-                self.engine.abort_request(live.req.request_id)
-
-    def _by_transfer(self, transfer_id: str, state: str) -> _Live | None:
-        rid = self._transfers.get(transfer_id)
-        live = self._live.get(rid) if rid is not None else None
-        return live if live is not None and live.state == state and live.transfer == transfer_id else None
-
-    def _transfer_over(self, live: _Live) -> None:
-        """The prefill worker is done with our blocks (landed or refused): stop tracking it."""
-        self.leases.remove(live.transfer)
-        self._transfers.pop(live.transfer, None)
-        if self.peers is not None:
-            self.peers.forget(live.transfer)
+        elif isinstance(m, PrefillReply | PeerAbortDone):
+            self.connector.on_peer_message(m)
 
     def _new_request(self, req: NewRequest) -> None:
         rid = req.request_id
@@ -188,120 +157,37 @@ class DecodeLoop:
         try:
             ids = self.engine.tokenize(list(req.prompt_token_ids))[1]
             self.engine.validate_prompt(ids)
-            if not self.engine.blocks.can_ever_allocate(len(ids) + 1):
+            if not self.engine.kv_cache_fits(len(ids) + 1):
                 raise PromptTooLongError(f"prompt: {len(ids)} tokens do not fit this worker's KV cache")
-            if req.prefill is None:
-                self.engine.add_request(rid, ids, req.params)
-            elif req.params.n != 1:
+            if req.prefill is not None and req.params.n != 1:
                 raise InvalidRequestError("n: must be 1 for a disaggregated request (fan out n upstream)")
+            if req.prefill is not None and self.peers is None:
+                req.stream.put(StreamError("FAILED_PRECONDITION", "this decode worker has no KV transport"))
+                return
+            self.engine.add_request(rid, ids, req.params, kv_params=req if req.prefill is not None else None)
         except InvalidRequestError as e:
             req.stream.put(StreamError("INVALID_ARGUMENT", str(e)))
             return
-        if req.prefill is not None and self.peers is None:
-            req.stream.put(StreamError("FAILED_PRECONDITION", "this decode worker has no KV transport"))
-            return
-        self._live[rid] = _Live(req, "local" if req.prefill is None else "pending")
+        self._live[rid] = _Stream(req)
         if req.deadline is not None:
             self._deadlines[rid] = req.deadline
-        if req.prefill is not None:
-            self._pending.append(rid)
-
-    def _admit_pending(self) -> None:
-        """Allocate decode blocks for waiting remote requests, oldest first, then call prefill."""
-        blocks, sched = self.engine.blocks, self.engine.scheduler
-        while self._pending and self.peers is not None:
-            live = self._live[self._pending[0]]
-            req = live.req
-            if len(sched.running) + len(self.leases) >= sched.cfg.max_num_seqs:
-                return  # the batch is full once these land
-            if not blocks.can_allocate(len(req.prompt_token_ids), req.prompt_token_ids):
-                return  # wait for running sequences to finish; keep FIFO order
-            try:
-                rp = self.engine.add_remote_request(req.request_id, list(req.prompt_token_ids), req.params)
-            except OutOfBlocksError:
-                return
-            self._pending.popleft()
-            live.state = "prefilling"
-            live.transfer = f"{req.request_id}#{next(self._attempts)}"
-            self._transfers[live.transfer] = req.request_id
-            self.leases.add(live.transfer)
-            self.peers.request(req, live.transfer, rp.block_ids, rp.num_cached_tokens // blocks.block_size)
-
-    def _prefill_reply(self, m: PrefillReply) -> None:
-        live = self._by_transfer(m.transfer_id, "prefilling")
-        if live is None:
-            return
-        if m.accepted:
-            live.agent = m.agent_name
-        elif m.refused:  # an answer: it will never write, so the blocks are ours again now
-            self._transfer_over(live)
-            self._end(live, StreamError(m.code, m.error))
-            self.engine.abort_request(live.req.request_id)
-            del self._live[live.req.request_id]
-        else:  # lost in transit: it may still run, so free only once it confirmed an abort
-            self._abort(live.req.request_id, StreamError(m.code, m.error))
-
-    def _poll_transport(self) -> None:
-        if self.transport is None:
-            return
-        for peer, data in self.transport.poll_notifications():
-            try:
-                note = prefill_notify.decode(data)
-            except prefill_notify.BadNotificationError as e:
-                log.warning("ignoring a notification from %s: %s", peer, e)
-                continue
-            live = self._by_transfer(note.request_id, "prefilling")
-            if live is None:
-                continue  # aborted meanwhile (the abort path frees its blocks), or an old attempt
-            if live.agent and peer != live.agent:
-                log.warning("notification for %s from %s, expected %s", note.request_id, peer, live.agent)
-                continue
-            self._transfer_over(live)
-            rid = live.req.request_id
-            if isinstance(note, prefill_notify.PrefillFailed):
-                self._end(live, StreamError("UNAVAILABLE", f"prefill failed: {note.error}"))
-                self.engine.abort_request(rid)
-                del self._live[rid]
-                continue
-            live.state = "running"
-            live.cached_tokens = note.cached_tokens
-            self.timings.prefill_arrived(rid, note.sent_at)
-            out = self.engine.complete_remote_request(rid, note.token, note.logprob, note.top)
-            if out is not None:
-                self._emit(out)
 
     def _expire(self) -> None:
-        for tid in self.leases.pop_expired():
-            live = self._by_transfer(tid, "prefilling")
-            if live is None:
-                continue
-            self._abort(live.req.request_id, StreamError(
-                "UNAVAILABLE",
-                f"prefill worker did not deliver the KV nor renew its lease within {self.cfg.lease_s}s "
-                "(transfer timeout or peer death)",
-            ))
         if self._deadlines:
             now = time.monotonic()
             for rid in [r for r, t in self._deadlines.items() if t <= now]:
                 self._abort(rid, StreamError("DEADLINE_EXCEEDED", "request timed out"))
 
     def _abort(self, request_id: str, event: StreamEvent) -> None:
-        live = self._live.get(request_id)
-        if live is None or live.state == "aborting":
+        """End the stream now; the engine frees the blocks (or its connector holds them until
+        the prefill worker confirmed it stopped writing)."""
+        live = self._live.pop(request_id, None)
+        if live is None:
             return
         self._end(live, event)
-        if live.state == "pending":
-            self._pending.remove(request_id)
-        elif live.state == "prefilling" and self.peers is not None:
-            self.leases.remove(live.transfer)
-            live.state = "aborting"  # keep the blocks until the peer confirms (module docstring)
-            self.peers.abort(live.transfer, live.req.prefill)  # type: ignore[arg-type]
-            return
-        else:
-            self.engine.abort_request(request_id)
-        del self._live[request_id]
+        self.engine.abort_request(request_id)
 
-    def _end(self, live: _Live, event: StreamEvent) -> None:
+    def _end(self, live: _Stream, event: StreamEvent) -> None:
         if isinstance(event, TokenChunk):  # an abort: each unfinished sequence ends with it
             n_prompt = len(live.req.prompt_token_ids)
             for i in range(live.req.params.n):
@@ -313,10 +199,10 @@ class DecodeLoop:
         self.timings.forget(live.req.request_id)
 
     def _step(self) -> None:
-        t0 = time.monotonic()
-        self.timings.step_started(t0)
         outputs = self.engine.step()
-        self.timings.step_finished(time.monotonic() - t0)
+        started = self.connector.take_step_start()
+        if started:
+            self.timings.step_finished(time.monotonic() - started)
         for out in outputs:
             self._emit(out)
 
@@ -324,8 +210,11 @@ class DecodeLoop:
         live = self._live.get(out.request_id)
         if live is None:
             return
+        if out.error is not None:  # the remote prefill failed: the engine already ended it
+            del self._live[out.request_id]
+            self._end(live, StreamError(out.error.code, out.error.message))
+            return
         remote = live.req.prefill
-        cached = live.cached_tokens if remote is not None else out.num_cached_tokens
         if not live.counted and remote is None:
             live.counted = True
             self._tokens_computed += len(out.prompt_token_ids) - out.num_cached_tokens
@@ -342,7 +231,8 @@ class DecodeLoop:
             live.req.stream.put(TokenChunk(
                 list(c.delta_token_ids), c.delta_text, lps, c.finish_reason,
                 None if c.stop_reason is None else str(c.stop_reason),
-                len(out.prompt_token_ids), cached, remote.worker_id if remote is not None else "", c.index,
+                len(out.prompt_token_ids), out.num_cached_tokens, remote.worker_id if remote is not None else "",
+                c.index,
             ))
         if out.finished:
             self._deadlines.pop(out.request_id, None)
@@ -358,22 +248,22 @@ class DecodeLoop:
             self.peers.close()
 
     def _publish(self) -> None:
-        self.kv_events.push(self.engine.blocks.drain_events())
-        blocks, sched = self.engine.blocks, self.engine.scheduler
-        idle = not sched.has_unfinished() and not self._live
+        self.kv_events.push(self.engine.drain_kv_events())
+        stats = self.engine.stats()
+        idle = stats.idle and not self._live
         now = time.monotonic()
         if not idle and now - self._last_publish < self.cfg.publish_every_s:
             return
         self._last_publish = now
-        integrity_error = self._integrity.maybe_run(blocks, idle)
+        integrity_error = self._integrity.maybe_run(self.engine.check_integrity, idle)
         self._snapshot = DecodeSnapshot(
-            num_total_blocks=blocks.num_total_blocks,
-            num_free_blocks=blocks.num_free_blocks,
-            num_running=len(sched.running),
-            num_waiting=len(sched.waiting) + len(self._pending),
+            num_total_blocks=stats.num_total_blocks,
+            num_free_blocks=stats.num_free_blocks,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
             num_leases=len(self.leases),
-            num_preemptions=sched.num_preemptions,
-            prompt_tokens_cached=blocks.num_hit_tokens,
+            num_preemptions=stats.num_preemptions,
+            prompt_tokens_cached=stats.prefix_hit_tokens,
             prompt_tokens_computed=self._tokens_computed,
             timings=self.timings.summary(),
             integrity_error=integrity_error,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
 from protocol.stream import PrefillTarget, StreamError, StreamEvent, TokenChunk, TokenLogprob
+from worker_runtime.engine_loop import StopMsg
 
 # ---- into the engine thread -------------------------------------------------------------------
 
@@ -51,11 +52,6 @@ class PeerAbortDone:
     """The prefill worker confirmed it stopped writing (or is unreachable): blocks are ours again."""
 
     transfer_id: str
-
-
-@dataclass(frozen=True)
-class StopMsg:
-    pass
 
 
 InboxMsg = NewRequest | AbortMsg | PrefillReply | PeerAbortDone | StopMsg

@@ -125,7 +125,7 @@ def start_decode_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     server, address = bind_server(spec, token, spec.grpc_workers)
     worker_id = worker_id_for(spec, address)
     worker = RunningWorker(worker_id, address, worker_id)
-    transport = open_transport(spec, worker_id, token, engine.pool)
+    transport = open_transport(spec, worker_id, token, engine.kv_cache_pool)
     worker.on_stop(transport.close)
     metadata = transport.metadata()
     cfg = DecodeLoopConfig(lease_s=spec.lease_s)

@@ -181,6 +181,38 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Where this engine sits in its worker group. Only 1/1/0/0 is wired today, but the model's
+    parallel group and the KV compatibility key are derived from here, so that sharding becomes
+    a change of configuration rather than of code."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("tp_size", "pp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        for name, size in (("tp_rank", self.tp_size), ("pp_rank", self.pp_size)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
+                raise ValueError(f"{name}: must be in [0, {size}), got {value!r}")
+        if self.pp_size != 1:
+            raise ValueError(f"pp_size: pipeline parallelism is not supported yet, got {self.pp_size}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    def compat(self) -> dict[str, int]:
+        """The head and layer split two workers must share for their KV blocks to match."""
+        return {"tp_size": self.tp_size, "tp_rank": self.tp_rank, "pp_size": self.pp_size, "pp_rank": self.pp_rank}
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine instance needs; workers derive theirs with `dataclasses.replace`."""
 
@@ -189,6 +221,7 @@ class EngineConfig:
     device: str = "cpu"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     random_weights: bool = False  # speed runs on real shapes without a checkpoint
     # attention kernels in float64, bit-identical to the torch references (slow; for checks

@@ -1,25 +1,28 @@
 """`LLMEngine`: requests in, `RequestOutput`s out, one ``step()`` at a time.
 
-The step is the three-line loop: schedule -> execute -> update. Workers reuse the same pieces
-(`Scheduler`, `ModelRunner`, `OutputProcessor`) but drive them around their own transport.
+The step is: connector poll -> schedule -> (connector start) -> forward with the connector's
+layer hook -> sample -> (connector end of step) -> update -> outputs. Workers drive the same
+step and plug their KV transport in as a `KVConnector` (see `engine.kv_connector`); without
+one it is the offline engine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, KVEvent
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from engine.kv_cache_pool import KVCachePool, KVLayout
+from engine.kv_connector import KVArrival, KVConnector, KVFailure, KVPoll, KVStepOutcome
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, StepResult
 from engine.output_processor import OutputProcessor, RequestState
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
+from engine.parallel import ParallelGroup
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -28,21 +31,16 @@ from engine.tokenizer import Tokenizer, load_tokenizer
 PromptInput = str | list[int] | list[dict[str, str]]
 
 
-@dataclass(frozen=True)
-class RemotePrefill:
-    """Where a prefill worker must write a prompt's KV on this (decode) worker."""
-
-    seq_id: str
-    block_ids: list[int]
-    num_cached_tokens: int  # leading tokens decode already holds (whole blocks): not sent
-
-
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+    def __init__(
+        self, cfg: EngineConfig, tokenizer: Tokenizer | None = None, kv_connector: KVConnector | None = None
+    ) -> None:
         self.cfg = cfg
+        self.kv_connector = kv_connector
         torch.manual_seed(cfg.seed)
         self.model_config, self.model = load_model(
-            cfg.model, cfg.dtype, cfg.device, max_positions=cfg.scheduler.max_model_len,
+            cfg.model, cfg.dtype, cfg.device, group=ParallelGroup.from_config(cfg.parallel),
+            max_positions=cfg.scheduler.max_model_len,
             random_weights=cfg.random_weights, seed=cfg.seed,
         )
         self.tokenizer = tokenizer if tokenizer is not None else _try_tokenizer(cfg.model)
@@ -62,6 +60,15 @@ class LLMEngine:
         )
         self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
         self._seqs: dict[str, Sequence] = {}
+        self._kv_params: dict[str, object] = {}  # remote prompts waiting for blocks -> connector's params
+
+    def attach_kv_connector(self, connector: KVConnector) -> None:
+        """For a worker that builds its connector around an engine it was given (one per engine)."""
+        if self.kv_connector is not None and self.kv_connector is not connector:
+            raise ValueError("kv_connector: this engine already has one")
+        if self.outputs.requests:
+            raise ValueError("kv_connector: attach it before the first request")
+        self.kv_connector = connector
 
     @property
     def max_model_len(self) -> int:
@@ -99,11 +106,21 @@ class LLMEngine:
         if n + 1 > capacity:
             raise PromptTooLongError(f"prompt: {n} tokens exceed the KV cache capacity of {capacity} tokens")
 
-    def add_request(self, request_id: str, prompt: PromptInput, params: SamplingParams) -> None:
-        if request_id in self.outputs.requests:
+    def add_request(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams, kv_params: object = None
+    ) -> None:
+        """Queue a request; ``kv_params`` is what the KV connector needs to fetch its prompt's KV
+        from a peer (a decode worker's prefill target), None for a request computed here."""
+        if request_id in self.outputs.requests or request_id in self.scheduler.held:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        remote = 0
+        if self.kv_connector is not None:
+            remote = self.kv_connector.num_remote_prompt_tokens(request_id, ids, kv_params)
+        if remote:
+            self._add_remote(request_id, ids, params, remote, kv_params)
+            return
         seqs = []
         for i in range(params.n):
             p = params if params.n == 1 else params.for_child(i)
@@ -113,92 +130,178 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.outputs.add(RequestState(request_id, text, list(ids), params, seqs))
 
-    # ---- disaggregation: the decode side of a remote prefill --------------------------------
-
-    def add_remote_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> RemotePrefill:
-        """Allocate the prompt's blocks (own prefix-cache hits reused) for a prefill worker to fill.
-
-        Raises `OutOfBlocksError` (nothing held) when the pool cannot take the prompt now.
-        """
+    def _add_remote(
+        self, request_id: str, ids: list[int], params: SamplingParams, remote: int, kv_params: object
+    ) -> None:
         if params.n != 1:
             raise InvalidRequestError("n: remote prefill serves one sequence; run n > 1 locally")
-        if request_id in self.outputs.requests:
-            raise InvalidRequestError(f"request_id: {request_id!r} is already running")
-        self.validate_prompt(prompt_ids)
-        seq = Sequence(f"{request_id}-0", request_id, list(prompt_ids), params)
-        cached = self.blocks.allocate(seq.seq_id, seq.prompt_token_ids)
-        seq.status = SequenceStatus.REMOTE_PREFILL
-        seq.num_cached_tokens = cached
+        if remote != len(ids):
+            raise InvalidRequestError(f"prompt: a peer may compute all {len(ids)} tokens or none, not {remote}")
+        seq = Sequence(f"{request_id}-0", request_id, list(ids), params)
         self._seqs[seq.seq_id] = seq
-        self.outputs.add(RequestState(request_id, None, list(prompt_ids), params, [seq]))
-        return RemotePrefill(seq.seq_id, list(self.blocks.block_table(seq.seq_id)), cached)
-
-    def complete_remote_request(
-        self, request_id: str, first_token: int, logprob: float = 0.0, top: dict[int, float] | None = None
-    ) -> RequestOutput | None:
-        """The prompt's KV has landed: join the running batch with the prefill's first token."""
-        state = self.outputs.requests.get(request_id)
-        if state is None or state.seqs[0].status is not SequenceStatus.REMOTE_PREFILL:
-            return None  # aborted meanwhile; its blocks are already free
-        seq = state.seqs[0]
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        seq.output_token_ids.append(first_token)
-        if seq.params.logprobs is not None:
-            seq.logprobs.append(logprob)
-            seq.top_logprobs.append(dict(top or {}))
-        self.scheduler.add_prefilled(seq)
-        stop = self.outputs.check_stop(seq, state.texts[0])
-        finished = {seq.seq_id: stop} if stop is not None else {}
-        out = self.outputs.make_output(state, finished)
-        if stop is not None:
-            self.scheduler.finish(seq, stop[0])
-            self._forget(request_id)
-        return out
+        self._kv_params[request_id] = kv_params
+        self.scheduler.add_remote(seq)
+        self.outputs.add(RequestState(request_id, None, list(ids), params, [seq]))
 
     def abort_request(self, request_id: str) -> None:
         state = self.outputs.requests.pop(request_id, None)
         if state is None:
             return
+        hold = self._connector_finished(request_id)
         for seq in state.seqs:
-            self.scheduler.finish(seq, "abort")
+            self.scheduler.finish(seq, "abort", hold=hold)
             self._seqs.pop(seq.seq_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.outputs.requests)
 
+    def has_schedulable_requests(self) -> bool:
+        """True while a step would run the model (remote prefills wait for their peer instead)."""
+        return self.scheduler.has_unfinished()
+
+    # ---- what a worker reports ---------------------------------------------------------------
+
+    @property
+    def kv_cache_pool(self) -> KVCachePool:
+        """The paged KV memory, for a KV transport to register once at start-up."""
+        return self.pool
+
+    def kv_blocks_for(self, num_tokens: int) -> int:
+        return self.blocks.num_blocks_for(num_tokens)
+
+    def kv_cache_fits(self, num_tokens: int) -> bool:
+        """Whether ``num_tokens`` could ever be held at once (an empty pool, less the watermark)."""
+        return self.blocks.can_ever_allocate(num_tokens)
+
+    def stats(self) -> EngineStats:
+        sched, blocks = self.scheduler, self.blocks
+        return EngineStats(
+            num_total_blocks=blocks.num_total_blocks,
+            num_free_blocks=blocks.num_free_blocks,
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting) + len(sched.remote_waiting),
+            num_remote_prefilling=len(sched.remote_prefilling),
+            num_held=len(sched.held),
+            num_preemptions=sched.num_preemptions,
+            prefix_hit_tokens=blocks.num_hit_tokens,
+            queued_prompt_tokens=sum(
+                max(0, s.num_prompt_tokens - s.num_computed_tokens) for s in (*sched.waiting, *sched.running)
+            ),
+        )
+
+    def check_integrity(self) -> None:
+        """Raises `BlockIntegrityError` unless every block is accounted for (meaningful when idle)."""
+        self.blocks.check_integrity()
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """Prefix-cache stores and removals since the last call, for the router's index."""
+        return self.blocks.drain_events()
+
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._apply_kv_poll() if self.kv_connector is not None else []
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
-        result = self.runner.execute(sched.scheduled, [self.blocks.block_table(s.seq.seq_id) for s in sched.scheduled])
-        return self.update(sched, result)
+            return outputs
+        tables = [self.blocks.block_table(s.seq.seq_id) for s in sched.scheduled]
+        conn = self.kv_connector
+        if conn is None:
+            return outputs + self.update(sched, self.runner.execute(sched.scheduled, tables))
+        hook = conn.save_layer if conn.start_step(sched.scheduled, tables) else None
+        try:
+            hidden, meta = self.runner.forward(sched.scheduled, tables, on_layer_done=hook)
+        finally:
+            conn.end_forward()
+        result = self.runner.sample(sched.scheduled, hidden, meta)
+        return outputs + self.update(sched, result, conn.end_step(sched.scheduled, result))
 
-    def update(self, sched: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+    def update(
+        self, sched: SchedulerOutput, result: StepResult, kv: KVStepOutcome | None = None
+    ) -> list[RequestOutput]:
         """Apply sampled tokens, run stop checks, free finished sequences, emit outputs."""
         self.scheduler.update_from_output(sched, result.tokens())
         _record_logprobs(self._seqs, result)
+        failed = {f.request_id: f for f in kv.failed} if kv is not None else {}
+        delivered = kv.done if kv is not None else set()
         changed: dict[str, dict[str, tuple[str, str | int | None]]] = {}
         for seq_id in result.seq_ids:
             seq = self._seqs[seq_id]
+            if seq.request_id in failed:
+                continue
             state = self.outputs.requests[seq.request_id]
             st = state.texts[state.seqs.index(seq)]
-            stop = self.outputs.check_stop(seq, st)
+            stop = ("prefilled", None) if seq.request_id in delivered else self.outputs.check_stop(seq, st)
             finished = changed.setdefault(seq.request_id, {})
             if stop is not None:
                 finished[seq_id] = stop
-        results = []
+        results = [out for f in failed.values() if (out := self._fail(f)) is not None]
         for request_id, finished in changed.items():
             state = self.outputs.requests[request_id]
             out = self.outputs.make_output(state, finished)
+            done = all(s.is_finished or s.seq_id in finished for s in state.seqs)
+            hold = self._connector_finished(request_id) if done else False
             for seq in state.seqs:
                 if seq.seq_id in finished:
-                    self.scheduler.finish(seq, finished[seq.seq_id][0])
-            if all(s.is_finished for s in state.seqs):
+                    self.scheduler.finish(seq, finished[seq.seq_id][0], hold=hold)
+            if done:
                 self._forget(request_id)
             results.append(out)
         return results
+
+    # ---- the KV connector's scheduler side ---------------------------------------------------
+
+    def _apply_kv_poll(self) -> list[RequestOutput]:
+        """Arrivals join the batch, failures end their requests, released blocks are freed;
+        then prompts waiting for remote KV get blocks while the batch has room."""
+        assert self.kv_connector is not None
+        poll: KVPoll = self.kv_connector.poll()
+        for request_id in poll.released:
+            self.scheduler.release(request_id)
+        outputs = [out for f in poll.failed if (out := self._fail(f)) is not None]
+        outputs += [out for a in poll.arrived if (out := self._arrive(a)) is not None]
+        for seq in self.scheduler.admit_remote():
+            kv_params = self._kv_params.pop(seq.request_id, None)
+            self.kv_connector.on_blocks_allocated(
+                seq.request_id, kv_params, list(self.blocks.block_table(seq.seq_id)), seq.num_cached_tokens
+            )
+        return outputs
+
+    def _arrive(self, a: KVArrival) -> RequestOutput | None:
+        """The prompt's KV has landed: join the running batch with the prefill's first token."""
+        state = self.outputs.requests.get(a.request_id)
+        if state is None or state.seqs[0].status is not SequenceStatus.REMOTE_PREFILL:
+            return None  # aborted meanwhile; the abort path owns its blocks
+        seq = state.seqs[0]
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_cached_tokens = a.num_cached_tokens  # what the client sees: the peer's prefix hits
+        seq.output_token_ids.append(a.first_token)
+        if seq.params.logprobs is not None:
+            seq.logprobs.append(a.logprob)
+            seq.top_logprobs.append(dict(a.top))
+        self.scheduler.add_prefilled(seq)
+        stop = self.outputs.check_stop(seq, state.texts[0])
+        finished = {seq.seq_id: stop} if stop is not None else {}
+        out = self.outputs.make_output(state, finished)
+        if stop is not None:
+            hold = self._connector_finished(a.request_id)
+            self.scheduler.finish(seq, stop[0], hold=hold)
+            self._forget(a.request_id)
+        return out
+
+    def _fail(self, f: KVFailure) -> RequestOutput | None:
+        """End a request the connector gave up on; its final output carries the error."""
+        state = self.outputs.requests.get(f.request_id)
+        if state is None:
+            return None
+        out = self.outputs.make_output(state, {s.seq_id: ("abort", None) for s in state.seqs if not s.is_finished})
+        out.error = f.error
+        self.abort_request(f.request_id)
+        return out
+
+    def _connector_finished(self, request_id: str) -> bool:
+        self._kv_params.pop(request_id, None)
+        return self.kv_connector.request_finished(request_id) if self.kv_connector is not None else False
 
     def _forget(self, request_id: str) -> None:
         state = self.outputs.requests.pop(request_id)

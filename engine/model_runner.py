@@ -28,10 +28,11 @@ class StepResult:
     seq_ids: list[str]
     output: SamplerOutput | None
 
-    def tokens(self) -> dict[str, int]:
+    def tokens(self) -> dict[str, list[int]]:
+        """New tokens per sequence: one each today; a list so speculative decoding can add several."""
         if self.output is None:
             return {}
-        return dict(zip(self.seq_ids, self.output.token_ids.tolist()))
+        return {seq_id: [tok] for seq_id, tok in zip(self.seq_ids, self.output.token_ids.tolist())}
 
 
 class ModelRunner:

@@ -24,6 +24,15 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why a request ended without finishing (a remote prefill failed...): ``code`` is the gRPC
+    status name a worker reports it with."""
+
+    code: str
+    message: str
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -31,6 +40,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    error: RequestError | None = None  # set on the final output of a request that failed
 
     @property
     def finished(self) -> bool:
@@ -51,3 +61,22 @@ class RequestOutput:
     @property
     def logprobs(self) -> list[float] | None:
         return self.outputs[0].logprobs
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A worker's ``Status`` view of its engine, taken between steps."""
+
+    num_total_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int  # for a local prefill, or (remote prompts) for blocks
+    num_remote_prefilling: int  # blocks allocated, a peer is filling them
+    num_held: int  # finished, blocks kept until the peer confirms it stopped writing
+    num_preemptions: int
+    prefix_hit_tokens: int  # prompt tokens served from the prefix cache, ever
+    queued_prompt_tokens: int  # prompt tokens of unfinished local sequences not computed yet
+
+    @property
+    def idle(self) -> bool:
+        return not (self.num_running or self.num_waiting or self.num_remote_prefilling or self.num_held)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ParallelConfig
+
 
 @dataclass(frozen=True)
 class ParallelGroup:
@@ -41,6 +43,14 @@ class ParallelGroup:
         if n % self.tp_size:
             raise ValueError(f"{what} = {n} is not divisible by tp_size {self.tp_size}")
         return n // self.tp_size
+
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig) -> ParallelGroup:
+        """This rank's tensor-parallel group; world size 1 needs no process group."""
+        if cfg.tp_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(f"tp_size: {cfg.tp_size} needs an initialised torch.distributed process group")
+        return cls(tp_rank=cfg.tp_rank, tp_size=cfg.tp_size)
 
 
 SINGLE = ParallelGroup()

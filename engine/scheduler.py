@@ -5,6 +5,11 @@ then waiting ones while the budget and ``max_num_seqs`` allow. When a running se
 grow, the most recently arrived running sequence is preempted by recompute (blocks freed,
 progress reset, back to the front of the queue). The engine calls
 ``schedule() -> execute -> update_from_output()``.
+
+Requests whose prompt a peer computes (a KV connector) wait in ``remote_waiting`` until
+`admit_remote` allocates their blocks (FIFO, counting them against ``max_num_seqs``), sit in
+``remote_prefilling`` while the peer fills them, and join ``running`` with `add_prefilled`.
+A finished one whose blocks the peer may still write is ``held`` until `release`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.remote_waiting: deque[Sequence] = deque()
+        self.remote_prefilling: list[Sequence] = []
+        self.held: dict[str, str] = {}  # request id -> seq id whose blocks a peer may still write
         self.num_preemptions = 0
 
     # ---- queue management -----------------------------------------------------------------
@@ -60,28 +68,68 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_remote(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        self.remote_waiting.append(seq)
+
+    def admit_remote(self) -> list[Sequence]:
+        """Allocate blocks for remote prompts, oldest first, while the batch they will join has
+        room and the pool can take them (FIFO: one that does not fit blocks those behind it)."""
+        admitted: list[Sequence] = []
+        while self.remote_waiting:
+            if len(self.running) + len(self.remote_prefilling) >= self.cfg.max_num_seqs:
+                break
+            seq = self.remote_waiting[0]
+            if not self.blocks.can_allocate(seq.num_prompt_tokens, seq.prompt_token_ids):
+                break
+            try:
+                cached = self.blocks.allocate(seq.seq_id, seq.prompt_token_ids)
+            except OutOfBlocksError:
+                break
+            self.remote_waiting.popleft()
+            seq.status = SequenceStatus.REMOTE_PREFILL
+            seq.num_cached_tokens = cached
+            self.remote_prefilling.append(seq)
+            admitted.append(seq)
+        return admitted
+
     def add_prefilled(self, seq: Sequence) -> None:
         """Join a sequence whose prompt KV arrived from a prefill worker (blocks already allocated)."""
+        self.remote_prefilling.remove(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         self.blocks.commit(seq.seq_id, seq.token_slice(0, seq.num_computed_tokens))
 
     def has_unfinished(self) -> bool:
+        """Sequences a step can run (remote ones wait for their peer, not for a step)."""
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark finished and release its blocks (idempotent)."""
+    def finish(self, seq: Sequence, reason: str, hold: bool = False) -> None:
+        """Mark finished and release its blocks (idempotent); ``hold`` keeps the blocks of a
+        remote prefill allocated until `release` (a peer may still be writing them)."""
         if seq.status is SequenceStatus.FINISHED:
             return
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.blocks.free(seq.seq_id)
         elif seq.status is SequenceStatus.REMOTE_PREFILL:
-            self.blocks.free(seq.seq_id)
+            self.remote_prefilling.remove(seq)
+            if hold:
+                self.held[seq.request_id] = seq.seq_id
+            else:
+                self.blocks.free(seq.seq_id)
+        elif seq.status is SequenceStatus.WAITING_FOR_REMOTE_KV:
+            self.remote_waiting.remove(seq)
         else:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    def release(self, request_id: str) -> None:
+        """The peer stopped writing a held request's blocks: free them (unknown ids: no-op)."""
+        seq_id = self.held.pop(request_id, None)
+        if seq_id is not None:
+            self.blocks.free(seq_id)
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -138,11 +186,11 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance progress, append sampled tokens, and publish newly full blocks to the prefix cache."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
+        """Advance progress, append sampled tokens (several per sequence once speculative decoding
+        accepts drafts), and publish newly full blocks to the prefix cache."""
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
-            if seq.seq_id in sampled:
-                seq.output_token_ids.append(sampled[seq.seq_id])
+            seq.output_token_ids.extend(sampled.get(seq.seq_id, ()))
             self.blocks.commit(seq.seq_id, seq.token_slice(0, seq.num_computed_tokens))

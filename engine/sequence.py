@@ -13,6 +13,7 @@ _arrival = itertools.count()
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"  # a peer computes the prompt; no blocks yet
     REMOTE_PREFILL = "remote_prefill"  # blocks allocated, a prefill worker is filling them
     RUNNING = "running"
     FINISHED = "finished"

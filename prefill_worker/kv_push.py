@@ -22,9 +22,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+
+from kvtransfer.base import KVTransport, TransferHandle
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,11 @@ class PushPlan:
     remote: list[int]  # decode's block ids, same order
     upto: int  # target.next_block after this step
     completes: bool  # the prompt finishes here: the last layer goes with the notification
-    handles: list[Any] = field(default_factory=list)
+    handles: list[TransferHandle] = field(default_factory=list)
     descriptors: int = 0  # copies the transport issued for this plan (coalesced block runs x layers)
     error: str = ""
 
-    def issued(self, handle: Any) -> None:
+    def issued(self, handle: TransferHandle) -> None:
         self.handles.append(handle)
         self.descriptors += getattr(handle, "num_descriptors", 0)
 
@@ -72,7 +73,7 @@ def plan_step(target: PushTarget, table: list[int], end: int, prompt_len: int, b
 class LayerPusher:
     """The ``on_layer_done`` hook of one forward; ``flush()`` returns once every write is issued."""
 
-    def __init__(self, transport: Any, plans: list[PushPlan], num_layers: int, device: torch.device) -> None:
+    def __init__(self, transport: KVTransport, plans: list[PushPlan], num_layers: int, device: torch.device) -> None:
         self.transport = transport
         self.plans = [p for p in plans if p.local]
         self.last = num_layers - 1

@@ -6,6 +6,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
+from worker_runtime.engine_loop import StopMsg
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,6 @@ class AbortJob:
 
     request_id: str
     done: Future[bool] | None = None
-
-
-@dataclass(frozen=True)
-class StopMsg:
-    pass
 
 
 InboxMsg = PrefillJob | Handshake | AbortJob | StopMsg

@@ -68,9 +68,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         params = params_from_proto(request.params)
         ids = engine.tokenize(list(request.prompt_token_ids))[1]
         engine.validate_prompt(ids)
-        if not engine.blocks.can_ever_allocate(len(ids)):
+        if not engine.kv_cache_fits(len(ids)):
             raise PromptTooLongError(f"prompt: {len(ids)} tokens do not fit this prefill worker's KV cache")
-        need = engine.blocks.num_blocks_for(len(ids))
+        need = engine.kv_blocks_for(len(ids))
         if len(request.dst_block_ids) != need:
             got = len(request.dst_block_ids)
             raise InvalidRequestError(f"dst_block_ids: {got} given, the prompt needs {need}")
@@ -108,7 +108,7 @@ def start_prefill_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     server, address = bind_server(spec, token, max_workers=32)
     worker_id = worker_id_for(spec, address)
     worker = RunningWorker(worker_id, address, worker_id)
-    transport = open_transport(spec, worker_id, token, engine.pool)
+    transport = open_transport(spec, worker_id, token, engine.kv_cache_pool)
     worker.on_stop(transport.close)
     metadata = transport.metadata()
     loop = PrefillLoop(engine, transport, spec.transfer_timeout_s)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
 
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 Role = Literal["prefill", "decode"]
@@ -52,6 +52,10 @@ class WorkerSpec:
     random_weights: bool = False
     seed: int = 0
     exact_attention: bool = False  # float64 attention kernels, the references' bits (slow)
+    tp_size: int = 1  # tensor-parallel group size (only 1 is wired today)
+    pp_size: int = 1  # pipeline-parallel group size (only 1 is wired today)
+    tp_rank: int = 0
+    pp_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -68,8 +72,12 @@ class WorkerSpec:
             raise WorkerSpecError(f"request_timeout_s: must be >= 0, got {self.request_timeout_s}")
         try:
             parse_dtype(self.dtype)
+            self.parallel_config()
         except ValueError as e:
             raise WorkerSpecError(str(e)) from None
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(tp_size=self.tp_size, pp_size=self.pp_size, tp_rank=self.tp_rank, pp_rank=self.pp_rank)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:
@@ -111,6 +119,7 @@ class WorkerSpec:
                 max_num_batched_tokens=self.max_num_batched_tokens,
                 max_model_len=max_len,
             ),
+            parallel=self.parallel_config(),
             seed=self.seed,
             random_weights=self.random_weights,
             exact_attention=self.exact_attention,

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import queue
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
-from engine.block_manager import BlockIntegrityError, BlockManager
+from engine.block_manager import BlockIntegrityError
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StopMsg:
+    """Put in an engine thread's inbox: the thread fails what it holds and returns."""
 
 
 def drain_inbox(inbox: queue.Queue[T], timeout: float) -> list[T]:
@@ -33,12 +40,13 @@ class IdleIntegrityCheck:
         self.error = ""
         self._last = 0.0
 
-    def maybe_run(self, blocks: BlockManager, idle: bool) -> str:
+    def maybe_run(self, check: Callable[[], None], idle: bool) -> str:
+        """``check`` is `LLMEngine.check_integrity`: raises `BlockIntegrityError` on a leak."""
         now = time.monotonic()
         if idle and now - self._last >= self.every_s:
             self._last = now
             try:
-                blocks.check_integrity()
+                check()
                 self.error = ""
             except BlockIntegrityError as e:
                 self.error = str(e)

@@ -75,9 +75,9 @@ def worker_id_for(spec: WorkerSpec, address: str) -> str:
 def compat_key(spec: WorkerSpec) -> dict[str, Any]:
     """What the KV layout cannot show but two workers must share for their KV to be
     interchangeable: the weights (random weights of a seed are other weights), the model
-    dtype, and the head split (one rank of one TP group today)."""
+    dtype, and the head and layer split (`ParallelConfig`: tp/pp size and rank)."""
     model = Path(spec.model).name + (f"+random-seed{spec.seed}" if spec.random_weights else "")
-    return {"model": model, "model_dtype": str(parse_dtype(spec.dtype)), "tp_size": 1, "tp_rank": 0}
+    return {"model": model, "model_dtype": str(parse_dtype(spec.dtype)), **spec.parallel_config().compat()}
 
 
 def compat_text(spec: WorkerSpec, layout: KVLayout) -> str:
