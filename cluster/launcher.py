@@ -170,7 +170,10 @@ class Launcher(ABC):
 
     def wait_ready(self, handles: Sequence[WorkerGroupHandle], timeout: float,
                    cancelled: Callable[[], bool] = lambda: False) -> None:
-        """Wait until every group is ready; polls all at once, so loads overlap."""
+        """Wait until every group is ready (then each handle's ``info`` is set); polls all at once,
+        so loads overlap. Raises `WorkerStartError` for the first group that exits, or after
+        ``timeout`` (the late groups are killed), and `StartCancelled`; other groups keep
+        running: the caller stops them (`stop`/`close`)."""
         deadline = time.monotonic() + timeout
         pending = list(handles)
         while pending:
@@ -189,8 +192,9 @@ class Launcher(ABC):
             if cancelled():
                 raise StartCancelled("cancelled while the workers were starting")
             if time.monotonic() > deadline:
+                for late in pending:  # a start that missed its deadline is not left loading
+                    self.kill(late)
                 h = pending[0]
-                self.kill(h)
                 raise WorkerStartError(f"{h.spec.name or h.role} worker not ready after {timeout:.0f}s "
                                        f"(log: {h.status().log}):\n{h.log_tail()}")
             time.sleep(0.05)
