@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ClusterStartError", "LocalCluster", "StartupInterrupted", "serve", "worker_groups", "worker_specs"]
 
-LauncherFactory = Callable[[Mapping[str, str]], Launcher]
-"""Builds the cluster's launcher from the environment its workers need (control-plane URL, TTL,
-the launcher's pid); known only once Redis runs, hence a factory."""
+LauncherFactory = Callable[[str, Mapping[str, str]], Launcher]
+"""Builds the cluster's launcher from the cluster token and the environment its workers need
+(control-plane URL, TTL, the launcher's pid), known only once Redis runs, hence a factory."""
 
 
 def worker_specs(
@@ -131,7 +131,7 @@ class LocalCluster:
         self.out = out
         self.token = secrets.token_urlsafe(32)  # fresh per cluster: workers of another run can't join
         self._make_launcher = make_launcher or (
-            lambda extra: LocalProcessLauncher(self.token, env={**os.environ, **extra}, log_dir=log_dir)
+            lambda token, extra: LocalProcessLauncher(token, env={**os.environ, **extra}, log_dir=log_dir)
         )
         self.redis: RedisService | None = None
         self.launcher: Launcher | None = None
@@ -187,7 +187,7 @@ class LocalCluster:
         model = self.model_path()
         groups = worker_groups(self.config, model, self.worker_overrides)
         self.redis = RedisService.start(self.config.redis, self.registry_ttl_s)
-        self.launcher = self._make_launcher({
+        self.launcher = self._make_launcher(self.token, {
             REDIS_URL_ENV: self.redis.url, REGISTRY_TTL_ENV: str(self.registry_ttl_s),
             PARENT_PID_ENV: str(os.getpid()),
         })
