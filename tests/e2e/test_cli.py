@@ -1,11 +1,14 @@
 """`splitserve serve` as a user runs it: a subprocess that prints where it listens, then ``ready``,
-serves, and on SIGTERM exits 0 leaving no worker and no redis-server behind. A start-up that
-fails midway (workers up, then one fails) cleans up the same way."""
+serves, and on SIGTERM exits 0 leaving no worker, no redis-server and no log folder behind. A
+start-up that fails midway (workers up, then one fails) cleans up the same way but keeps the
+worker logs and prints where they are; a transport that does not exist is refused before anything
+starts."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +77,12 @@ class Serve:
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
+    def log_folder(self) -> Path:
+        """The worker log folder that serve announced when it started the workers."""
+        found = re.search(r"; logs in (\S+)$", self.log.read_text(errors="replace"), re.M)
+        assert found, self.stderr()
+        return Path(found.group(1))
+
     def kill_all(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -132,15 +141,30 @@ def test_serve_prints_ready_serves_and_stops_leaving_nothing(make_serve: MakeSer
     assert not _gone(children), f"left running: {children}\n{serve.stderr()}"
     assert not serve.marked()
     assert "exited with" not in serve.stderr()  # every worker stopped cleanly (exit code 0)
+    assert not serve.log_folder().exists()  # ... so their logs were not worth keeping
 
 
-def test_failed_startup_leaves_nothing(make_serve: MakeServe) -> None:
-    """Workers load the model, then fail to open an unknown KV transport: exit 1, nothing left."""
-    serve = make_serve(f"router:\n  port: {free_port()}\nkvtransfer:\n  backend: mpi\n")
+def test_failed_startup_leaves_nothing_but_its_logs(make_serve: MakeServe) -> None:
+    """Workers load the model, then cannot fit one KV block in their budget: exit 1, nothing
+    left running, the worker logs kept and their folder printed."""
+    serve = make_serve(f"router:\n  port: {free_port()}\nkv_cache_memory: 1KiB\n")
     code = serve.proc.wait(timeout=240)
     assert code == 1, serve.stderr()
-    assert "error:" in serve.stderr() and "mpi" in serve.stderr()
+    assert "error:" in serve.stderr() and "below one block" in serve.stderr()
     assert not serve.marked()
+    kept = serve.log_folder()
+    try:
+        assert f"worker logs kept in {kept}" in serve.stderr()
+        assert any("below one block" in p.read_text() for p in kept.glob("*/worker.log"))
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_unavailable_transport_is_refused_before_anything_starts(make_serve: MakeServe) -> None:
+    serve = make_serve("kvtransfer:\n  backend: mpi\n")
+    assert serve.proc.wait(timeout=120) == 2, serve.stderr()
+    assert "kvtransfer.backend: 'mpi' is not an available transport; available: nixl, tcp" in serve.stderr()
+    assert "starting" not in serve.stderr() and not serve.marked()
 
 
 def test_sigkill_of_the_launcher_leaves_nothing(make_serve: MakeServe) -> None:

@@ -141,7 +141,7 @@ def test_kill_9_of_a_prefill_worker_mid_load_loses_no_request(
                     victim = w
                     break
         assert victim is not None, "no prefill worker ever had work"
-        victim.kill()  # SIGKILL: no goodbye, no deregistration
+        cluster.launcher.kill(victim)  # SIGKILL: no goodbye, no deregistration
         answers = [f.result(timeout=180) for f in futures]
     assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
     assert _retries(cluster) > retries_before  # the victim's requests were re-routed, not lost
