@@ -94,7 +94,7 @@ class KVTransferConfig(_Section):
 class RouterConfig(_Section):
     """The public OpenAI-compatible endpoint and its routing knobs."""
 
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it (set api_keys then)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     policy: str = Field("kv_aware", description="routing policy name (router.policy registry)")
     disagg_threshold: int = Field(
@@ -109,6 +109,7 @@ class RouterConfig(_Section):
     max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
+    log_requests: bool = Field(True, description="one console line per finished request (serve --quiet: off)")
 
     @field_validator("policy")
     @classmethod
@@ -196,6 +197,11 @@ class ClusterConfig(_Section):
             raise _field_error("prefill.chunk_size", f"must be a multiple of block_size ({self.block_size})")
         if self.device == "cpu" and self.dtype == "float16":
             raise _field_error("dtype", "float16 is not supported on cpu; use float32 or bfloat16")
+        if self.device == "cuda":
+            from engine.config import cuda_unavailable_reason  # lazy: imports torch
+
+            if (why := cuda_unavailable_reason()) is not None:
+                raise _field_error("device", why)
         return self
 
     @property

@@ -69,6 +69,9 @@ class TransportOptions:
     connect_timeout_s: float = 30.0
     nixl_backends: tuple[str, ...] = ("UCX",)
     nixl_telemetry: bool = False  # lets tests/benchmarks read NIXL's merged descriptor count
+    # nixl: the longest the progress thread sleeps between UCX events. It wakes at once on a UCX
+    # event (its workers' event fds); the timeout only bounds how stale progress can get.
+    nixl_progress_wait_us: int = 100_000
 
 
 class Op(StrEnum):

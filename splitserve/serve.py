@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
@@ -312,15 +312,23 @@ def _device_env(env: dict[str, str], spec: WorkerSpec, index: int) -> dict[str, 
     return {**env, "CUDA_VISIBLE_DEVICES": str(index % count)} if count else env
 
 
-def serve(config_path: str | Path | None) -> int:
+def serve(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> int:
     """The ``splitserve serve`` command: start, print where the router listens and ``ready``,
-    run until SIGINT/SIGTERM, stop everything. Returns the exit code."""
+    run until SIGINT/SIGTERM, stop everything. Returns the exit code.
+
+    ``overrides`` are dotted config paths set over the file (the CLI flags); the router's port
+    is checked before anything starts, so a taken port costs a second, not a model load."""
+    from splitserve.launch_options import apply_overrides, check_port_free, exposure_warning
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(config_path)
+        config = apply_overrides(load_config(config_path), overrides or {})
+        check_port_free(config.router.host, config.router.port)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if (warning := exposure_warning(config)) is not None:
+        print(f"splitserve: warning: {warning}", file=sys.stderr, flush=True)
     cluster = LocalCluster(config, out=sys.stderr)
     try:  # a download is the one long step before anything runs: plain Ctrl-C may abort it
         cluster.model_path()
