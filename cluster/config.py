@@ -197,12 +197,19 @@ class ClusterConfig(_Section):
             raise _field_error("prefill.chunk_size", f"must be a multiple of block_size ({self.block_size})")
         if self.device == "cpu" and self.dtype == "float16":
             raise _field_error("dtype", "float16 is not supported on cpu; use float32 or bfloat16")
+        return self
+
+    def check_runs_here(self) -> None:
+        """`ConfigError` naming ``device`` when this machine cannot run the config's workers.
+
+        Not a parse-time check: a GPU config is still valid on the CPU machine that edits or
+        ships it; only a launcher that starts workers here (``splitserve serve``) asks.
+        """
         if self.device == "cuda":
             from engine.config import cuda_unavailable_reason  # lazy: imports torch
 
             if (why := cuda_unavailable_reason()) is not None:
-                raise _field_error("device", why)
-        return self
+                raise ConfigError(f"device: {why}")
 
     @property
     def model_name(self) -> str:

@@ -70,7 +70,15 @@ class RequestEntry:
             return
         self._done = True
         if self.enabled:
-            log.info("%s", self.line(error or self.error, time.monotonic()))
+            log.info("%s", self.line(error or self.error or self._unfinished(), time.monotonic()))
+
+    def _unfinished(self) -> BaseException | None:
+        """A stream that ended with a choice but no finish reason and no error was cut off by
+        the client (Starlette cancels the response quietly on a disconnect)."""
+        choices = self.tracker.choices if self.tracker is not None else ()
+        if any(c.finish_reason is None for c in choices):
+            return asyncio.CancelledError()
+        return None
 
     def line(self, error: BaseException | None, now: float) -> str:
         choices = self.tracker.choices if self.tracker is not None else ()

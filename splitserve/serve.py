@@ -323,12 +323,13 @@ def serve(config_path: str | Path | None, overrides: Mapping[str, Any] | None = 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = apply_overrides(load_config(config_path), overrides or {})
+        config.check_runs_here()
+        if (warning := exposure_warning(config)) is not None:
+            print(f"splitserve: warning: {warning}", file=sys.stderr, flush=True)
         check_port_free(config.router.host, config.router.port)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if (warning := exposure_warning(config)) is not None:
-        print(f"splitserve: warning: {warning}", file=sys.stderr, flush=True)
     cluster = LocalCluster(config, out=sys.stderr)
     try:  # a download is the one long step before anything runs: plain Ctrl-C may abort it
         cluster.model_path()
