@@ -159,5 +159,6 @@ def test_idle_workers_use_under_2_percent_of_a_core(served: Served) -> None:
     wall = time.monotonic() - t0
     used = {w.pid: (w.cpu_times().user + w.cpu_times().system
                     - before[w.pid].user - before[w.pid].system) / wall for w in workers}
-    names = {w.pid: " ".join(w.cmdline()[-2:]) for w in workers}
+    ids = {w.pid: re.search(r'"worker_id": "([^"]+)"', " ".join(w.cmdline())) for w in workers}
+    names = {pid: m.group(1) if m else str(pid) for pid, m in ids.items()}
     assert all(u < IDLE_BUDGET for u in used.values()), {names[p]: f"{100 * u:.2f}%" for p, u in used.items()}
