@@ -105,7 +105,7 @@ class KVTransferConfig(_Section):
 class RouterConfig(_Section):
     """The public OpenAI-compatible endpoint and its routing knobs."""
 
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it (set api_keys then)")
     port: int = Field(8000, ge=0, le=65535, description="0 picks a free port")
     # checked against the router's policy registry by `splitserve.router_settings`, at load time:
     # the config does not import the router
@@ -122,6 +122,7 @@ class RouterConfig(_Section):
     max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
+    log_requests: bool = Field(True, description="one console line per finished request (serve --quiet: off)")
 
     @field_validator("api_keys")
     @classmethod
@@ -201,6 +202,18 @@ class ClusterConfig(_Section):
         if self.device == "cpu" and self.dtype == "float16":
             raise _field_error("dtype", "float16 is not supported on cpu; use float32 or bfloat16")
         return self
+
+    def check_runs_here(self) -> None:
+        """`ConfigError` naming ``device`` when this machine cannot run the config's workers.
+
+        Not a parse-time check: a GPU config is still valid on the CPU machine that edits or
+        ships it; only a launcher that starts workers here (``splitserve serve``) asks.
+        """
+        if self.device == "cuda":
+            from engine.config import cuda_unavailable_reason  # lazy: imports torch
+
+            if (why := cuda_unavailable_reason()) is not None:
+                raise ConfigError(f"device: {why}")
 
     @property
     def model_name(self) -> str:

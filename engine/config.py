@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import ModelNotFoundError, UnsupportedModelError
+from engine.errors import DeviceUnavailableError, ModelNotFoundError, UnsupportedModelError
 
 # architecture name in config.json -> family flags
 SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -41,6 +41,25 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"dtype: unknown {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def cuda_unavailable_reason() -> str | None:
+    """Why ``device: cuda`` cannot run here, or None when it can.
+
+    Checked at configuration time so the user reads one line instead of torch's
+    ``AssertionError: Torch not compiled with CUDA enabled`` from deep inside model loading.
+    """
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"cuda requested, but this torch ({torch.__version__}) is a CPU-only build; use device cpu"
+    return "cuda requested, but torch sees no CUDA GPU on this machine; use device cpu"
+
+
+def check_device(device: str) -> None:
+    """Raise `DeviceUnavailableError` for a ``cuda``/``cuda:N`` device this machine cannot run."""
+    if device.split(":")[0] == "cuda" and (why := cuda_unavailable_reason()) is not None:
+        raise DeviceUnavailableError(f"device: {why}")
 
 
 @dataclass(frozen=True)
@@ -227,3 +246,6 @@ class EngineConfig:
     # attention kernels in float64, bit-identical to the torch references (slow; for checks
     # and reproducible runs, see gpu_kernels/exact_attention.py); no effect on CPU
     exact_attention: bool = False
+
+    def __post_init__(self) -> None:
+        check_device(self.device)

@@ -19,6 +19,10 @@ class PromptTooLongError(InvalidRequestError):
     """The prompt (plus the tokens asked for, where relevant) exceeds max_model_len."""
 
 
+class DeviceUnavailableError(SplitserveError, ValueError):
+    """The configured device does not exist here (``cuda`` on a CPU-only torch or machine)."""
+
+
 class ModelNotFoundError(SplitserveError, FileNotFoundError):
     """The model path does not exist or lacks a required file."""
 

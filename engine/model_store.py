@@ -108,10 +108,8 @@ def ensure_default_model(progress: bool = True) -> Path:
 
 
 def pull_default_model(progress: bool = True) -> Path:
-    """For ``splitserve models pull``: ensure the default model and print where it is."""
-    path = ensure_default_model(progress=progress)
-    print(f"{DEFAULT_MODEL_NAME}: {path}")
-    return path
+    """For ``splitserve models pull``: ensure the default model; the CLI prints the path (once)."""
+    return ensure_default_model(progress=progress)
 
 
 def pull(name_or_path: str | Path | None = None, progress: bool = True) -> Path:
@@ -137,17 +135,26 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> None:
     """Write an HF model folder (float32 weights, so CPU float32 runs match transformers exactly)."""
     import torch
     from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
     from engine.tokenizer import Tokenizer
     from engine.weights import config_from_gguf, iter_checkpoint
+    from engine.weights.gguf_checkpoint import num_tensors
 
     config = config_from_gguf(gguf)
-    tensors = {
-        name: t.to(torch.float32).contiguous() for name, t in iter_checkpoint(gguf, progress=progress)
-    }
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tokenizer = Tokenizer.from_gguf(gguf)
-    tokenizer.save(out)
+    # one bar over the whole step (dequantize every tensor, write safetensors, the tokenizer):
+    # the loader's own bar vanishes when it ends and the writes after it took seconds in silence
+    steps = num_tensors(gguf) + 2
+    with tqdm(total=steps, desc=f"converting {gguf.name}", unit="step", disable=not progress) as bar:
+        tensors = {}
+        for name, t in iter_checkpoint(gguf, progress=False):
+            tensors[name] = t.to(torch.float32).contiguous()
+            bar.update()
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        bar.update()
+        tokenizer = Tokenizer.from_gguf(gguf)
+        tokenizer.save(out)
+        bar.update()
     _write_json(out / "config.json", {**config, "torch_dtype": "float32"})
     generation: dict[str, Any] = {"eos_token_id": list(tokenizer.eos_token_ids)}
     for key in ("bos_token_id", "pad_token_id"):

@@ -29,6 +29,8 @@ Who pins which block until when (the contract every caller relies on):
 * **Progress.** The initiator drives its transfers: poll `is_done` (e.g. once per engine
   step) or `wait`. Backends may only complete a transfer and send its notification from
   inside those calls (NIXL does), so a handle that nobody polls may never notify the peer.
+  An idle transport costs no CPU: backend threads block (TCP: on sockets and queues; NIXL:
+  its progress thread in ``poll()`` on the UCX event fds) instead of spinning.
 * **Failure.** A handle that failed (`TransferFailedError`) leaves the destination bytes
   undefined. A `TransferTimeoutError` means the transfer may still be in flight: keep the
   local blocks pinned until the handle completes, fails, or the peer is removed
@@ -69,6 +71,9 @@ class TransportOptions:
     connect_timeout_s: float = 30.0
     nixl_backends: tuple[str, ...] = ("UCX",)
     nixl_telemetry: bool = False  # lets tests/benchmarks read NIXL's merged descriptor count
+    # nixl: the longest the progress thread sleeps between UCX events. It wakes at once on a UCX
+    # event (its workers' event fds); the timeout only bounds how stale progress can get.
+    nixl_progress_wait_us: int = 100_000
 
 
 class Op(StrEnum):

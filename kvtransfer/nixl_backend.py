@@ -14,11 +14,22 @@ NIXL posted lands in ``handle.backend_descriptors``; the tests check it).
 Notifications are NIXL's own: attached to the transfer, sent by UCX after the data, keyed by
 the sender's agent name. Agent metadata is opaque NIXL bytes carried inside our signed
 msgpack handshake; NIXL's own pickle-based descriptor serialization is never used.
+
+Progress: with UCX over TCP or shared memory the *target* must progress its UCX worker for
+writes to land and notifications to arrive, so the peer cannot simply stop progressing while
+idle. NIXL's progress thread drains the workers and then ``poll()``s on their event fds with
+a timeout (``pthrDelay``); its Python wrapper hard-codes that timeout to 0, which turns the
+thread into a busy loop (a whole core per idle worker). `_make_agent` keeps the thread but
+gives it a real timeout (`TransportOptions.nixl_progress_wait_us`): it sleeps in ``poll()``
+while nothing happens and wakes on the first UCX event, so hand-over latency is unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,6 +42,45 @@ from kvtransfer.errors import KVTransferError, TransferFailedError
 from protocol.kv_handshake import PeerInfo
 
 _NIXL_INIT_AGENT = "NIXL_INIT_AGENT"
+log = logging.getLogger(__name__)
+_agent_lock = threading.Lock()  # the wrapper's module global is swapped while an agent is built
+
+
+class _Module:
+    """A module stand-in: ``overrides`` first, everything else from ``real``."""
+
+    def __init__(self, real: Any, **overrides: Any) -> None:
+        self._real = real
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _make_agent(agent_name: str, config: nixl_agent_config, progress_wait_us: int) -> nixl_agent:
+    """Build the agent with the progress thread's poll timeout set (see the module docstring).
+
+    The wrapper builds its ``nixlAgentConfig`` inline and then assigns ``pthrDelay = 0``; a
+    config subclass that pins ``pthrDelay`` is the only way in without rewriting the wrapper.
+    If a future wrapper no longer looks like that, the agent is built as-is (and spins).
+    """
+    api = sys.modules[nixl_agent.__module__]
+    bind = getattr(api, "nixlBind", None)
+    base = getattr(bind, "nixlAgentConfig", None)
+    if base is None or "pthrDelay" not in dir(base):
+        log.warning("this nixl wrapper has no pthrDelay to set: its progress thread will spin while idle")
+        return nixl_agent(agent_name, config)
+
+    class _Config(base):  # type: ignore[misc, valid-type]
+        def __setattr__(self, name: str, value: Any) -> None:
+            super().__setattr__(name, progress_wait_us if name == "pthrDelay" else value)
+
+    with _agent_lock:
+        api.nixlBind = _Module(bind, nixlAgentConfig=_Config)
+        try:
+            return nixl_agent(agent_name, config)
+        finally:
+            api.nixlBind = bind
 
 
 def _mem_type(device: str) -> str:
@@ -63,7 +113,7 @@ class NixlTransport(KVTransport):
         config = nixl_agent_config(
             backends=list(self.options.nixl_backends), capture_telemetry=self.options.nixl_telemetry
         )
-        self._agent = nixl_agent(agent_name, config)
+        self._agent = _make_agent(agent_name, config, self.options.nixl_progress_wait_us)
         missing = [b for b in self.options.nixl_backends if b not in self._agent.backends]
         if missing:
             raise KVTransferError(

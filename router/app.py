@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
@@ -40,9 +40,11 @@ from router.errors import (
     install_error_handlers,
     to_api_error,
 )
+from router.json_body import JsonBodyWithoutContentType
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.render import ChatRenderer, ChoiceJob, CompletionRenderer, Renderer, Tracker, merge_choices
+from router.request_log import RequestEntry, RequestLog
 from router.settings import RouterSettings
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -65,6 +67,7 @@ class RouterState:
     dispatcher: Dispatcher
     metrics: RouterMetrics
     created: int
+    request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
 
 
 class _CountStatus:
@@ -98,7 +101,8 @@ def create_app(
     metrics = RouterMetrics(cluster.workers)
     policy = make_policy(settings.policy, settings.routing)
     dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=settings.max_retries)
-    state = RouterState(settings, backend, cluster, dispatcher, metrics, int(time.time()))
+    state = RouterState(settings, backend, cluster, dispatcher, metrics, int(time.time()),
+                        RequestLog(enabled=settings.log_requests))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -119,6 +123,7 @@ def create_app(
     app.state.router = state
     install_error_handlers(app)
     app.add_middleware(_CountStatus, metrics=metrics)
+    app.add_middleware(JsonBodyWithoutContentType)
     keys = [k.encode() for k in settings.api_keys]
 
     async def check_api_key(request: Request) -> None:
@@ -279,27 +284,33 @@ async def _serve(
     merged = merge_choices(streams, request, deadline)
     prompt_tokens = sum(len(p) for p in prompts)
     state.metrics.running.inc()
+    entry = state.request_log.begin(request_id, prompt_tokens, [j.routed.decision for j in jobs], arrival)
     try:
         first = await anext(merged)  # routing/admission errors raise here, before any byte is sent
     except StopAsyncIteration:
         first = None
-    except BaseException:
+    except BaseException as e:
         state.metrics.running.dec()
         await merged.aclose()
+        entry.end(e)
         raise
-    tracker = renderer.start(len(jobs), prompt_tokens, arrival, state.metrics)
+    tracker = entry.tracker = renderer.start(len(jobs), prompt_tokens, arrival, state.metrics)
     if not body.stream:
         try:
             if first is not None:
                 tracker.add(*first)
                 async for index, delta in merged:
                     tracker.add(index, delta)
+        except BaseException as e:
+            entry.error = e
+            raise
         finally:
             await merged.aclose()
             tracker.finish()
             state.metrics.running.dec()
+            entry.end()
         return JSONResponse(renderer.response(tracker))
-    closer = _Closer(merged, tracker, state.metrics)
+    closer = _Closer(merged, tracker, state.metrics, entry)
     return _SSEResponse(_sse(renderer, tracker, first, merged, body.include_usage, closer), closer)
 
 
@@ -307,8 +318,10 @@ class _Closer:
     """Idempotent end of a streamed request, run by the SSE generator or, if the response
     never got to iterate it (client gone before the headers), by the response itself."""
 
-    def __init__(self, merged: AsyncIterator[Any], tracker: Tracker, metrics: RouterMetrics) -> None:
-        self.merged, self.tracker, self.metrics = merged, tracker, metrics
+    def __init__(
+        self, merged: AsyncIterator[Any], tracker: Tracker, metrics: RouterMetrics, entry: RequestEntry
+    ) -> None:
+        self.merged, self.tracker, self.metrics, self.entry = merged, tracker, metrics, entry
         self.done = False
 
     async def __call__(self) -> None:
@@ -320,6 +333,7 @@ class _Closer:
         finally:
             self.tracker.finish()
             self.metrics.running.dec()
+            self.entry.end()
 
 
 class _SSEResponse(StreamingResponse):
@@ -334,6 +348,9 @@ class _SSEResponse(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except BaseException as e:  # cancelled: the client went away mid-stream
+            self.closer.entry.error = self.closer.entry.error or e
+            raise
         finally:
             await self.closer()
 
@@ -354,9 +371,11 @@ async def _sse(
                 async for index, delta in merged:
                     for chunk in renderer.chunks(tracker, index, delta, include_usage):
                         yield _event(chunk)
-        except ClientDisconnectedError:
+        except ClientDisconnectedError as e:
+            closer.entry.error = e
             return
         except Exception as e:  # mid-stream failure: the status is already sent, report in-band
+            closer.entry.error = e
             yield _event(to_api_error(e).body())
         else:
             if include_usage:

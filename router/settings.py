@@ -27,6 +27,7 @@ class RouterSettings:
     max_retries: int = 2  # re-routes after a worker fails before the first token
     request_timeout_s: float | None = 600.0  # end-to-end limit for one request; None: none
     api_keys: tuple[str, ...] = ()  # accepted bearer tokens; empty disables auth
+    log_requests: bool = True  # one console line per finished request (`splitserve serve --quiet`: off)
 
     def __post_init__(self) -> None:
         # lists from a caller are stored as tuples, so the settings stay hashable and frozen

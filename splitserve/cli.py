@@ -2,7 +2,9 @@
 
     splitserve models pull            fetch + convert the embedded SmolLM2 model, print its folder
     splitserve generate "prompt"      offline generation with the engine (one process)
-    splitserve serve [--config FILE]  the local disaggregated cluster behind the router
+    splitserve serve [--config FILE] [--host H] [--port P] [--model M] [--api-key K] [--set K=V] [--quiet]
+                                      the local disaggregated cluster behind the router
+    splitserve --version
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+from splitserve import __version__
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
     from engine.model_store import pull_default_model
 
     path = pull_default_model(progress=True)
-    print(path)
+    print(path)  # the one line on stdout: `$(splitserve models pull)` is the folder
     return 0
 
 
@@ -53,14 +58,35 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as dotted config paths; ``--set`` first, so the named flags win over it."""
+    from splitserve.launch_options import parse_set
+
+    overrides = parse_set(args.set or [])
+    named = {"router.host": args.host, "router.port": args.port, "model": args.model}
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    if args.api_key:
+        overrides["router.api_keys"] = list(args.api_key)
+    if args.quiet:
+        overrides["router.log_requests"] = False
+    return overrides
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError
     from splitserve.serve import serve
 
-    return serve(args.config)
+    try:
+        overrides = _serve_overrides(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return serve(args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--version", action="version", version=f"splitserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="manage local models")
@@ -90,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the local cluster behind an OpenAI-compatible router")
     s.add_argument("--config", help="cluster YAML (default: the embedded SmolLM2 on this machine)")
+    s.add_argument("--host", help="router bind address (router.host; default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="router port (router.port; default 8000, 0: a free one)")
+    s.add_argument("--model", help="HF model folder or .gguf file (model; default: the embedded SmolLM2)")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="accepted bearer token (router.api_keys; repeat for several)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any config field, e.g. --set decode.max_num_seqs=32 (repeatable)")
+    s.add_argument("--quiet", action="store_true", help="no per-request log line (router.log_requests: false)")
     s.set_defaults(func=_cmd_serve)
     return p
 

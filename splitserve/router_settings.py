@@ -34,6 +34,7 @@ def router_settings(config: ClusterConfig) -> RouterSettings:
             max_retries=r.max_retries,
             request_timeout_s=r.request_timeout_s,
             api_keys=r.api_keys,
+            log_requests=r.log_requests,
         )
     except RouterSettingsError as e:
         raise ConfigError(f"router.{e}") from None

@@ -279,13 +279,22 @@ class LocalCluster:
             log.log(level, message)
 
 
-def serve(config_path: str | Path | None) -> int:
+def serve(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> int:
     """The ``splitserve serve`` command: start, print where the router listens and ``ready``,
-    run until SIGINT/SIGTERM, stop everything. Returns the exit code."""
+    run until SIGINT/SIGTERM, stop everything. Returns the exit code.
+
+    ``overrides`` are dotted config paths set over the file (the CLI flags); the router's port
+    is checked before anything starts, so a taken port costs a second, not a model load."""
+    from splitserve.launch_options import apply_overrides, check_port_free, exposure_warning
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(config_path)
+        config = apply_overrides(load_config(config_path), overrides or {})
         router_settings(config)  # the router's own checks (policy name) at load time too
+        config.check_runs_here()
+        if (warning := exposure_warning(config)) is not None:
+            print(f"splitserve: warning: {warning}", file=sys.stderr, flush=True)
+        check_port_free(config.router.host, config.router.port)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -95,4 +95,8 @@ def test_pull(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ModelNotFoundError, match="only downloadable model"):
         pull("meta-llama/Llama-3.1-8B")
     assert pull_default_model(progress=False) == smollm2_path
-    assert str(smollm2_path) in capsys.readouterr().out
+    capsys.readouterr()
+    from splitserve.cli import main
+
+    assert main(["models", "pull"]) == 0
+    assert capsys.readouterr().out == f"{smollm2_path}\n"  # the path, once, nothing else on stdout

@@ -414,10 +414,19 @@ def test_completion_bad_input_is_400(server: Server, body: Any, param: str) -> N
     _assert_error(_post(server, "/v1/completions", body), 400, param)
 
 
-def test_wrong_content_type_is_400(server: Server) -> None:
-    r = _post(server, CHAT, json.dumps(OK_CHAT).encode(), headers={"content-type": "text/plain"})
-    assert r.status_code in (400, 415)
-    assert "error" in r.json()
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_json_body_is_served_whatever_the_content_type(server: Server, content_type: str | None) -> None:
+    """As the OpenAI API does: `curl -d` without `-H 'Content-Type: application/json'` works."""
+    headers = {} if content_type is None else {"content-type": content_type}
+    r = httpx.post(f"{server.url}{CHAT}", content=json.dumps(OK_CHAT).encode(), headers=headers, timeout=10)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+def test_non_json_body_without_json_content_type_says_json(server: Server) -> None:
+    r = _post(server, CHAT, b"model=smollm2", headers={"content-type": "application/x-www-form-urlencoded"})
+    err = _assert_error(r, 400)
+    assert "json" in err["message"].lower(), err
 
 
 def test_unknown_model_is_404(client: openai.OpenAI, server: Server) -> None:
