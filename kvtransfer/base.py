@@ -42,6 +42,7 @@ may run their own threads internally.
 
 from __future__ import annotations
 
+import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -73,7 +74,9 @@ class TransportOptions:
     nixl_telemetry: bool = False  # lets tests/benchmarks read NIXL's merged descriptor count
     # nixl: the longest the progress thread sleeps between UCX events. It wakes at once on a UCX
     # event (its workers' event fds); the timeout only bounds how stale progress can get.
-    nixl_progress_wait_us: int = 100_000
+    nixl_progress_wait_us: int = field(
+        default_factory=lambda: int(os.environ.get("SPLITSERVE_NIXL_PROGRESS_WAIT_US", "100000"))
+    )
 
 
 class Op(StrEnum):
