@@ -199,6 +199,8 @@ class DecodeLoop:
         self.timings.forget(live.req.request_id)
 
     def _step(self) -> None:
+        for out in self.engine.poll_kv():  # first tokens go out now, not after the next decode step
+            self._emit(out)
         outputs = self.engine.step()
         started = self.connector.take_step_start()
         if started:

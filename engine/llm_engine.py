@@ -199,8 +199,15 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------------
 
+    def poll_kv(self) -> list[RequestOutput]:
+        """What the KV connector delivered since the last poll: remote prompts that arrived (with
+        their first token), failed, or whose held blocks were released. A worker that streams calls
+        this before `step`, which polls too but returns its outputs only after running the batch:
+        a first token would otherwise wait one whole decode step before reaching its client."""
+        return self._apply_kv_poll() if self.kv_connector is not None else []
+
     def step(self) -> list[RequestOutput]:
-        outputs = self._apply_kv_poll() if self.kv_connector is not None else []
+        outputs = self.poll_kv()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs

@@ -78,6 +78,22 @@ def test_remote_prompt_joins_with_the_peers_first_token(cfg: EngineConfig) -> No
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
 
+def test_poll_kv_hands_out_a_first_token_before_the_batch_runs(cfg: EngineConfig) -> None:
+    conn = Recorder()
+    engine = LLMEngine(cfg, kv_connector=conn)
+    engine.add_request("local", PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()  # the local request is running: every later step is a decode step
+    engine.add_request("r", PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), kv_params="peer")
+    engine.step()
+    conn.next_poll = KVPoll(arrived=[KVArrival("r", 42)])
+    (first,) = engine.poll_kv()  # no model run: only the arrival
+    assert first.request_id == "r" and first.outputs[0].token_ids == [42]
+    local_before = len(engine.outputs.requests["local"].seqs[0].output_token_ids)
+    outs = engine.step()  # now the batch, with "r" in it, runs
+    assert {o.request_id for o in outs} == {"local", "r"}
+    assert len(engine.outputs.requests["local"].seqs[0].output_token_ids) == local_before + 1
+
+
 def test_abort_while_prefilling_holds_blocks_until_released(cfg: EngineConfig) -> None:
     conn = Recorder()
     engine = LLMEngine(cfg, kv_connector=conn)
