@@ -8,12 +8,14 @@ burn a whole core while nothing ran.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,6 +120,19 @@ def test_readme_examples_run_as_written(served: Served) -> None:
     r = subprocess.run([sys.executable, "-c", _as_served(client, served)], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "Paris" in r.stdout, r
+    (bench,) = [b for b in _readme_blocks("bash") if "splitserve bench --base-url" in b]
+    run, compare = bench.split("\n.venv/bin/splitserve bench --compare")
+    out = Path(tempfile.mkdtemp(prefix="readme-bench-"))
+    run = _as_served(run, served).replace("/tmp/bench-a.json", str(out / "a.json"))
+    r = subprocess.run(["bash", "-c", run], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r
+    summary = json.loads((out / "a.json").read_text())["summary"]
+    assert summary["completed"] == 8 and summary["failed"] == 0, summary
+    compare = ".venv/bin/splitserve bench --compare" + compare.split("#")[0]  # this run beside itself
+    for name in ("/tmp/bench-a.json", "/tmp/bench-b.json"):
+        compare = compare.replace(name, str(out / "a.json"))
+    r = subprocess.run(["bash", "-c", compare], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0 and "ttft" in r.stdout.lower(), r
     for page in ("/docs", "/metrics", "/health"):
         assert httpx.get(f"{served.url}{page}", timeout=30).status_code == 200, page
     # the serve lines are real flags (running them would start more clusters)
