@@ -154,9 +154,8 @@ class DecodeLoop:
         if rid in self._live:
             req.stream.put(StreamError("INVALID_ARGUMENT", f"request_id: {rid!r} is already running"))
             return
-        try:
-            ids = self.engine.tokenize(list(req.prompt_token_ids))[1]
-            self.engine.validate_prompt(ids)
+        try:  # the ids are checked once, by add_request (vocabulary, length); only what it cannot know here
+            ids = req.prompt_token_ids
             if not self.engine.kv_cache_fits(len(ids) + 1):
                 raise PromptTooLongError(f"prompt: {len(ids)} tokens do not fit this worker's KV cache")
             if req.prefill is not None and req.params.n != 1:

@@ -108,7 +108,7 @@ def join_control_plane(worker: RunningWorker, spec: WorkerSpec, engine: Any, loo
     report the loop's load and KV events there. ``engine`` is its `LLMEngine`, ``loop`` its
     engine thread (``snapshot()`` and ``kv_events``)."""
     attach_worker_agent(
-        worker, pool=spec.role, num_blocks=engine.blocks.num_total_blocks, block_size=spec.block_size,
+        worker, pool=spec.role, num_blocks=engine.stats().num_total_blocks, block_size=spec.block_size,
         load=lambda: load_from_snapshot(loop.snapshot()), kv_events=loop.kv_events,
         max_num_seqs=spec.max_num_seqs, max_batched_tokens=spec.max_num_batched_tokens,
         transport={"backend": spec.transport},
