@@ -41,7 +41,7 @@ from router.errors import (
     to_api_error,
 )
 from router.json_body import JsonBodyWithoutContentType
-from router.limits import BodyLimit, check_choices, check_text_prompt, check_token_prompt, check_unicode
+from router.limits import BodyLimit, check_batch, check_text_prompt, check_token_prompt, check_unicode
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.render import ChatRenderer, ChoiceJob, CompletionRenderer, Renderer, Tracker, merge_choices
@@ -174,12 +174,7 @@ def create_app(
         arrival = time.monotonic()
         _check_request(state, body)
         given = body.prompts()
-        check_choices(len(given), body.n, settings.max_choices_per_request)
-        for p in given:  # every length check before any tokenizing
-            if isinstance(p, str):
-                check_text_prompt(p, settings.max_model_len, "prompt")
-            else:
-                check_token_prompt(p, settings.max_model_len, "prompt")
+        check_batch(given, body.n, settings.max_model_len, settings.max_choices_per_request)
         tok = backend.tokenizer
         prompts: list[list[int]] = []
         for p in given:

@@ -38,6 +38,16 @@ def check_choices(num_prompts: int, n: int, limit: int) -> None:
         )
 
 
+def check_batch(prompts: list[str | list[int]], n: int, max_model_len: int, max_choices: int) -> None:
+    """A completions batch: its size, then every prompt's length, before any prompt is tokenized."""
+    check_choices(len(prompts), n, max_choices)
+    for p in prompts:
+        if isinstance(p, str):
+            check_text_prompt(p, max_model_len, "prompt")
+        else:
+            check_token_prompt(p, max_model_len, "prompt")
+
+
 def check_token_prompt(ids: list[int], max_model_len: int, param: str) -> None:
     if len(ids) >= max_model_len:
         raise ContextLengthError(
