@@ -123,6 +123,12 @@ class RouterConfig(_Section):
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
     log_requests: bool = Field(True, description="one console line per finished request (serve --quiet: off)")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="request bodies larger than this get 413 before they are parsed"
+    )
+    max_choices_per_request: int = Field(
+        256, ge=1, description="prompts x n of one completions request; more get 400"
+    )
 
     @field_validator("api_keys")
     @classmethod

@@ -83,7 +83,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequestError(f"prompt: expected a string, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the backend refuses str it cannot convert to UTF-8, i.e. lone surrogates
+            raise InvalidRequestError(f"prompt: {_unicode_problem(text)}") from None
         if add_special_tokens:
             # tokenizer.json post-processors usually add BOS themselves; this covers the ones that
             # leave it to the tokenizer_config flag, without ever adding it twice.
@@ -144,6 +147,14 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if len(ggufs) == 1:
             return Tokenizer.from_gguf(ggufs[0])
     raise ModelNotFoundError(f"no tokenizer at {p} (expected {TOKENIZER_FILE} or a .gguf file)")
+
+
+def _unicode_problem(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode (lone surrogate U+{ord(text[e.start]):04X} at character {e.start})"
+    return "the tokenizer cannot encode this text"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

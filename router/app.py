@@ -41,6 +41,7 @@ from router.errors import (
     to_api_error,
 )
 from router.json_body import JsonBodyWithoutContentType
+from router.limits import BodyLimit, check_batch, check_text_prompt, check_token_prompt, check_unicode
 from router.metrics import RouterMetrics
 from router.policy import make_policy
 from router.render import ChatRenderer, ChoiceJob, CompletionRenderer, Renderer, Tracker, merge_choices
@@ -53,6 +54,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (400, "Invalid request"),
         (401, "Missing or invalid API key"),
         (404, "Unknown model"),
+        (413, "Request body too large"),
         (429, "Queues full; see Retry-After"),
         (503, "No worker available"),
     ]
@@ -122,6 +124,7 @@ def create_app(
     )
     app.state.router = state
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(_CountStatus, metrics=metrics)
     app.add_middleware(JsonBodyWithoutContentType)
     keys = [k.encode() for k in settings.api_keys]
@@ -147,7 +150,7 @@ def create_app(
     )
     async def chat_completions(body: P.ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        _check_model(state, body.model)
+        _check_request(state, body)
         tok = backend.tokenizer
         messages = [_message_dict(m) for m in body.messages]
         try:
@@ -156,7 +159,8 @@ def create_app(
             raise BadRequestError(
                 f"messages: cannot apply the chat template: {e}", param="messages"
             ) from None
-        ids = await _encode(tok, text, add_special_tokens=False)
+        check_text_prompt(text, settings.max_model_len, "messages")
+        ids = await _encode(tok, text, add_special_tokens=False, param="messages")
         renderer = ChatRenderer(P.new_id("chatcmpl"), settings.model_name, tok, body.num_logprobs)
         return await _serve(state, request, body, [ids], "messages", renderer, arrival)
 
@@ -168,11 +172,13 @@ def create_app(
     )
     async def completions(body: P.CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        _check_model(state, body.model)
+        _check_request(state, body)
+        given = body.prompts()
+        check_batch(given, body.n, settings.max_model_len, settings.max_choices_per_request)
         tok = backend.tokenizer
         prompts: list[list[int]] = []
-        for p in body.prompts():
-            prompts.append(await _encode(tok, p, add_special_tokens=True) if isinstance(p, str) else p)
+        for p in given:
+            prompts.append(await _encode(tok, p, add_special_tokens=True, param="prompt") if isinstance(p, str) else p)
         vocab = getattr(tok, "vocab_size", None)
         if isinstance(vocab, int) and any(t >= vocab for ids in prompts for t in ids):
             raise BadRequestError(f"prompt: token ids must be < vocab size {vocab}", param="prompt")
@@ -200,6 +206,12 @@ def create_app(
     return app
 
 
+def _check_request(state: RouterState, body: P.ChatCompletionRequest | P.CompletionRequest) -> None:
+    """The cheap checks, before templating or tokenizing anything."""
+    check_unicode(body)
+    _check_model(state, body.model)
+
+
 def _check_model(state: RouterState, model: str) -> None:
     if not state.settings.serves(model):
         raise ModelNotFoundError(
@@ -214,11 +226,14 @@ def _message_dict(m: P.ChatMessage) -> dict[str, Any]:
     return d
 
 
-async def _encode(tok: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
-    # long prompts tokenize in a thread so one big request cannot stall every stream
-    if len(text) > 8192:
-        return await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens)
-    return tok.encode(text, add_special_tokens=add_special_tokens)
+async def _encode(tok: Tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+    try:
+        # long prompts tokenize in a thread so one big request cannot stall every stream
+        if len(text) > 8192:
+            return await asyncio.to_thread(tok.encode, text, add_special_tokens=add_special_tokens)
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+    except InvalidRequestError as e:  # the tokenizer names no field: it cannot tell messages from prompt
+        raise BadRequestError(f"{param}: {str(e).removeprefix('prompt: ')}", param=param) from None
 
 
 _SAMPLING_FIELDS = (
@@ -253,11 +268,7 @@ async def _serve(
     for ids in prompts:
         if not ids:
             raise BadRequestError(f"{prompt_param}: the prompt is empty", param=prompt_param)
-        if len(ids) >= max_len:
-            raise ContextLengthError(
-                f"This model's maximum context length is {max_len} tokens; the prompt has {len(ids)} tokens.",
-                param=prompt_param,
-            )
+        check_token_prompt(ids, max_len, prompt_param)
         want = body.max_new_tokens
         if want is not None and len(ids) + want > max_len:
             field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"

@@ -202,6 +202,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return text, param or None
 
 
+_FASTAPI_PARSE_ERROR = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Replace FastAPI's 422/500 shapes with OpenAI's error body."""
 
@@ -217,7 +220,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         cls = NotFoundError if exc.status_code == 404 else BadRequestError
-        err = cls(str(exc.detail))
+        detail = str(exc.detail)
+        if detail == _FASTAPI_PARSE_ERROR:  # json.loads raised something other than JSONDecodeError
+            detail = "invalid JSON body: cannot be parsed (not UTF-8, or nested too deeply)"
+        err = cls(detail)
         err.status_code = exc.status_code
         if exc.status_code == 405:
             err.code = "method_not_allowed"

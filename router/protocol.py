@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 512  # per stop string: the engine holds back and rescans that much text every token
 MAX_N = 128
 INT64 = 2**63
 
@@ -114,6 +115,8 @@ class _SamplingRequest(_Strict):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in items):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"each stop sequence must be at most {MAX_STOP_CHARS} characters")
         return v
 
     @model_validator(mode="after")

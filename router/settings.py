@@ -28,6 +28,8 @@ class RouterSettings:
     request_timeout_s: float | None = 600.0  # end-to-end limit for one request; None: none
     api_keys: tuple[str, ...] = ()  # accepted bearer tokens; empty disables auth
     log_requests: bool = True  # one console line per finished request (`splitserve serve --quiet`: off)
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413 before they are parsed
+    max_choices_per_request: int = 256  # prompts x n of one request (each is a backend stream)
 
     def __post_init__(self) -> None:
         # lists from a caller are stored as tuples, so the settings stay hashable and frozen
@@ -43,6 +45,10 @@ class RouterSettings:
             raise RouterSettingsError(f"max_retries: must be >= 0, got {self.max_retries}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise RouterSettingsError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        if self.max_body_bytes < 1024:
+            raise RouterSettingsError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.max_choices_per_request < 1:
+            raise RouterSettingsError(f"max_choices_per_request: must be >= 1, got {self.max_choices_per_request}")
         if any(not k.strip() for k in self.api_keys):
             raise RouterSettingsError("api_keys: API keys must be non-empty strings")
 

@@ -35,6 +35,8 @@ def router_settings(config: ClusterConfig) -> RouterSettings:
             request_timeout_s=r.request_timeout_s,
             api_keys=r.api_keys,
             log_requests=r.log_requests,
+            max_body_bytes=r.max_body_bytes,
+            max_choices_per_request=r.max_choices_per_request,
         )
     except RouterSettingsError as e:
         raise ConfigError(f"router.{e}") from None

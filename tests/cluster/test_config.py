@@ -81,6 +81,8 @@ def test_empty_file_is_default(tmp_path: Path) -> None:
         ({"router": {"disagg_threshold": -1}}, "router.disagg_threshold"),
         ({"router": {"api_keys": [""]}}, "router.api_keys"),
         ({"router": {"request_timeout_s": 0}}, "router.request_timeout_s"),
+        ({"router": {"max_body_bytes": 10}}, "router.max_body_bytes"),
+        ({"router": {"max_choices_per_request": 0}}, "router.max_choices_per_request"),
         ({"redis": {"url": "http://x"}}, "redis.url"),
         ({"redis": 5}, "redis"),
         ({"prefil": {}}, "prefil"),

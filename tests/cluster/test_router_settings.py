@@ -25,12 +25,13 @@ def test_every_router_field_is_carried() -> None:
         "router": {
             "policy": "round_robin", "disagg_threshold": 100, "prefill_queue_limit": 5000,
             "max_queued_requests": 9, "max_retries": 4, "request_timeout_s": 12.5, "api_keys": ["a", "b"],
+            "max_body_bytes": 65536, "max_choices_per_request": 32,
         },
     })
     assert router_settings(config) == RouterSettings(
         model_name="llama", model_aliases=("/models/Llama-3",), max_model_len=4096, policy="round_robin",
         routing=PolicySettings(block_size=32, disagg_threshold=100, prefill_queue_limit=5000, max_queued_requests=9),
-        max_retries=4, request_timeout_s=12.5, api_keys=("a", "b"),
+        max_retries=4, request_timeout_s=12.5, api_keys=("a", "b"), max_body_bytes=65536, max_choices_per_request=32,
     )
 
 

@@ -149,6 +149,16 @@ def test_invalid_messages_raise(tok: Tokenizer, messages: object) -> None:
         tok.apply_chat_template(messages)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("text", "where"), [("abc\ud800", "U\\+D800 at character 3"), ("\udfff", "U\\+DFFF at character 0")]
+)
+def test_lone_surrogates_are_an_invalid_request(tok: Tokenizer, text: str, where: str) -> None:
+    """JSON can carry "\\ud800"; the backend refuses it with a bare TypeError, which a server reports as 500."""
+    with pytest.raises(InvalidRequestError, match=f"^prompt: not valid Unicode \\(lone surrogate {where}\\)$"):
+        tok.encode(text)
+    assert tok.encode(json.loads('"\\ud83d\\ude00"')) == tok.encode("😀")  # JSON joins a surrogate pair
+
+
 def test_text_parts_are_joined(tok: Tokenizer) -> None:
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert tok.apply_chat_template(parts) == tok.apply_chat_template([{"role": "user", "content": "a\nb"}])

@@ -29,6 +29,8 @@ def test_aliases_and_keys_are_stored_as_tuples() -> None:
         ({"max_retries": -1}, "max_retries"),
         ({"request_timeout_s": 0.0}, "request_timeout_s"),
         ({"api_keys": (" ",)}, "api_keys"),
+        ({"max_body_bytes": 100}, "max_body_bytes"),
+        ({"max_choices_per_request": 0}, "max_choices_per_request"),
     ],
 )
 def test_bad_values_name_the_field(changes: dict, field: str) -> None:
