@@ -45,3 +45,27 @@ def model_dir(name: str, root: str | Path | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "config.json").write_text(json.dumps(cfg))
     return d
+
+
+def main() -> None:
+    """``python -m bench.shapes llama-3.1-8b DIR``: a random-weights model folder for `splitserve serve`:
+    the shape's ``config.json`` plus the embedded model's tokenizer (so the router can template and
+    count tokens; its ids all fall inside the bigger vocabulary)."""
+    import argparse
+    import shutil
+
+    from engine.model_store import ensure_default_model
+
+    ap = argparse.ArgumentParser(prog="python -m bench.shapes", description=main.__doc__)
+    ap.add_argument("shape", choices=sorted(SHAPES))
+    ap.add_argument("folder", type=Path)
+    args = ap.parse_args()
+    d = model_dir(args.shape, args.folder)
+    tokenizer = Path(ensure_default_model())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, d / name)
+    print(d)
+
+
+if __name__ == "__main__":
+    main()

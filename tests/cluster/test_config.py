@@ -21,7 +21,7 @@ def test_embedded_default() -> None:
     assert c.redis.embedded
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "two-prefill.yaml", "llama3-8b-h100.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in DEPLOY.glob("*.yaml")))
 def test_deploy_examples_round_trip(name: str, tmp_path: Path) -> None:
     c = load_config(DEPLOY / name)
     out = tmp_path / name
@@ -36,6 +36,8 @@ def test_examples_mean_what_they_say() -> None:
     assert big.prefill.world_size == 2 and big.decode.replicas == 2
     assert not big.redis.embedded and big.router.api_keys == ("change-me",)
     assert load_config(DEPLOY / "two-prefill.yaml").prefill.replicas == 2
+    h200 = load_config(DEPLOY / "h200-random-llama8b.yaml")
+    assert h200.random_weights and h200.device == "cuda" and h200.kvtransfer.backend == "nixl"
 
 
 def test_model_name_from_path() -> None:
