@@ -38,7 +38,7 @@ from decode_worker.messages import (
 )
 from decode_worker.prefill_peers import PrefillPeers
 from decode_worker.stats import DecodeSnapshot, LoopTimings
-from engine.errors import InvalidRequestError, PromptTooLongError
+from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from kvtransfer.base import KVTransport
@@ -154,10 +154,8 @@ class DecodeLoop:
         if rid in self._live:
             req.stream.put(StreamError("INVALID_ARGUMENT", f"request_id: {rid!r} is already running"))
             return
-        try:  # the ids are checked once, by add_request (vocabulary, length); only what it cannot know here
+        try:  # the ids are checked once, by add_request (vocabulary, length, KV capacity)
             ids = req.prompt_token_ids
-            if not self.engine.kv_cache_fits(len(ids) + 1):
-                raise PromptTooLongError(f"prompt: {len(ids)} tokens do not fit this worker's KV cache")
             if req.prefill is not None and req.params.n != 1:
                 raise InvalidRequestError("n: must be 1 for a disaggregated request (fan out n upstream)")
             if req.prefill is not None and self.peers is None:

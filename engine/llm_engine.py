@@ -102,9 +102,9 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt: {n} tokens leave no room to generate within max_model_len={self.max_model_len}"
             )
-        capacity = self.layout.num_blocks * self.layout.block_size
-        if n + 1 > capacity:
-            raise PromptTooLongError(f"prompt: {n} tokens exceed the KV cache capacity of {capacity} tokens")
+        if not self.blocks.can_ever_allocate(n + 1):  # an idle pool, less its watermark: else it waits forever
+            capacity = self.layout.num_blocks * self.layout.block_size
+            raise PromptTooLongError(f"prompt: {n} tokens do not fit this worker's KV cache ({capacity} tokens)")
 
     def add_request(
         self, request_id: str, prompt: PromptInput, params: SamplingParams, kv_params: object = None

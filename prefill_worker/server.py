@@ -67,9 +67,7 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
         engine = self.loop.engine
         params = params_from_proto(request.params)
         ids = engine.tokenize(list(request.prompt_token_ids))[1]
-        engine.validate_prompt(ids)
-        if not engine.kv_cache_fits(len(ids)):
-            raise PromptTooLongError(f"prompt: {len(ids)} tokens do not fit this prefill worker's KV cache")
+        engine.validate_prompt(ids)  # length and KV capacity
         need = engine.kv_blocks_for(len(ids))
         if len(request.dst_block_ids) != need:
             got = len(request.dst_block_ids)
