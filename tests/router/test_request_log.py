@@ -55,6 +55,17 @@ def _records(caplog: pytest.LogCaptureFixture) -> list[re.Match[str]]:
     return [m for m in matches if m is not None]
 
 
+def _wait_records(caplog: pytest.LogCaptureFixture, n: int, timeout: float = 5.0) -> list[re.Match[str]]:
+    """The line is written when the server closes the response, which can be a moment after the
+    client read its last byte (the server runs on another thread)."""
+    deadline = time.monotonic() + timeout
+    records = _records(caplog)
+    while len(records) < n and time.monotonic() < deadline:
+        time.sleep(0.02)
+        records = _records(caplog)
+    return records
+
+
 def test_one_line_per_request_with_route_tokens_and_times(
     server: Server, backend: ScriptedBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -64,7 +75,7 @@ def test_one_line_per_request_with_route_tokens_and_times(
     short = api.chat.completions.create(model="smollm2", messages=MSGS, max_tokens=5)  # type: ignore[arg-type]
     long = api.completions.create(model="smollm2", prompt=list(range(10, 110)), max_tokens=3, stream=True)
     assert len([c for c in long]) >= 3
-    (a, b) = _records(caplog)
+    (a, b) = _wait_records(caplog, 2)
     assert a["id"] == short.id and a["status"] == "200" and a["route"] == "local"
     assert int(a["prompt"]) == short.usage.prompt_tokens and int(a["out"]) == short.usage.completion_tokens == 5
     assert a["finish"] == "length" and float(a["ttft"]) <= float(a["total"])
@@ -79,7 +90,7 @@ def test_failed_and_refused_requests_are_logged_with_their_status(
     backend.fail_with = QueueFullError()
     with pytest.raises(openai.RateLimitError):
         _client(server).chat.completions.create(model="smollm2", messages=MSGS, max_tokens=5)  # type: ignore[arg-type]
-    (m,) = _records(caplog)
+    (m,) = _wait_records(caplog, 1)
     assert m["status"] == "429" and m["error"] == "QueueFullError" and m["out"] == "0" and m["ttft"] == "-"
 
 
@@ -92,12 +103,7 @@ def test_client_gone_mid_stream_is_499(server: Server, backend: ScriptedBackend,
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=10) as r:
         for _ in zip(range(3), r.iter_lines()):
             pass
-    records: list[re.Match[str]] = []
-    deadline = time.monotonic() + 5
-    while not records and time.monotonic() < deadline:  # the server notices the disconnect a moment later
-        time.sleep(0.05)
-        records = _records(caplog)
-    (m,) = records
+    (m,) = _wait_records(caplog, 1)  # the server notices the disconnect a moment later
     assert m["status"] == "499" and int(m["out"]) < 200 and m["error"] is None
 
 
