@@ -73,9 +73,6 @@ class DecodeKVConnector(KVConnector):
         """An RPC answer (posted to the loop's inbox by `PrefillPeers`); applied at the next poll."""
         self._replies.append(m)
 
-    def num_aborting(self) -> int:
-        return sum(t.state is TransferState.ABORTING for t in self._by_id.values())
-
     # ---- scheduler side ----------------------------------------------------------------------
 
     def num_remote_prompt_tokens(self, request_id: str, prompt_token_ids: Sequence[int], kv_params: object) -> int:

@@ -169,10 +169,6 @@ class LLMEngine:
     def kv_blocks_for(self, num_tokens: int) -> int:
         return self.blocks.num_blocks_for(num_tokens)
 
-    def kv_cache_fits(self, num_tokens: int) -> bool:
-        """Whether ``num_tokens`` could ever be held at once (an empty pool, less the watermark)."""
-        return self.blocks.can_ever_allocate(num_tokens)
-
     def stats(self) -> EngineStats:
         sched, blocks = self.scheduler, self.blocks
         return EngineStats(
