@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from engine.errors import DeviceUnavailableError, ModelNotFoundError, UnsupportedModelError
+from engine.moe_config import MoEConfig, moe_config_from_hf
 
 # architecture name in config.json -> family flags
 SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -22,6 +23,9 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
     "MistralForCausalLM": {},
     "Qwen2ForCausalLM": {"attention_bias": True},
     "Qwen3ForCausalLM": {"qk_norm": True},
+    "MixtralForCausalLM": {},
+    "Qwen2MoeForCausalLM": {"attention_bias": True},
+    "Qwen3MoeForCausalLM": {"qk_norm": True},
 }
 
 _DTYPES = {
@@ -84,6 +88,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None
+    moe: MoEConfig | None = None  # routed experts (Mixtral, Qwen-MoE); None for a dense model
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -145,6 +150,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_window=cfg.get("sliding_window") if use_sw else None,
+            moe=moe_config_from_hf(arch, cfg),
         )
 
     @classmethod
@@ -164,6 +170,9 @@ def _arch_from_model_type(model_type: str | None) -> str:
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "qwen3": "Qwen3ForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM",
     }.get(model_type or "", f"<model_type {model_type!r}>")
 
 

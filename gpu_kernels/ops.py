@@ -12,7 +12,7 @@ from contextvars import ContextVar
 
 import torch
 
-from gpu_kernels import reference
+from gpu_kernels import moe_reference, reference
 
 # the ops forced onto their torch twins (None: none); a frozenset so the context var stays immutable
 _FORCE_REFERENCE: ContextVar[frozenset[str] | None] = ContextVar("splitserve_force_reference", default=None)
@@ -20,6 +20,7 @@ _FORCE_REFERENCE: ContextVar[frozenset[str] | None] = ContextVar("splitserve_for
 _EXACT_ATTENTION: ContextVar[bool] = ContextVar("splitserve_exact_attention", default=False)
 
 OPS = (
+    "fused_moe",
     "paged_context_attention",
     "paged_decode_attention",
     "rms_norm",
@@ -84,6 +85,21 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
         return k(x)
     return reference.silu_mul(x)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The routed experts' SiLU-gated MLP, weighted and summed per token (`gpu_kernels.fused_moe`)."""
+    if _triton_enabled(x, "fused_moe"):
+        from gpu_kernels.triton_ops import fused_moe as kern
+
+        return kern(x, w13, w2, topk_weights, topk_ids)
+    return moe_reference.fused_moe(x, w13, w2, topk_weights, topk_ids)
 
 
 def rope_and_write_kv(

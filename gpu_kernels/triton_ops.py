@@ -10,6 +10,7 @@ from __future__ import annotations
 from gpu_kernels.activation import silu_mul
 from gpu_kernels.context_attention import ContextConfig, paged_context_attention
 from gpu_kernels.decode_attention import decode_num_splits, paged_decode_attention
+from gpu_kernels.fused_moe import fused_moe
 from gpu_kernels.norm import rms_norm
 from gpu_kernels.quant import fp8_quantize
 from gpu_kernels.rope_cache import rope_and_write_kv, write_kv
@@ -18,6 +19,7 @@ __all__ = [
     "ContextConfig",
     "decode_num_splits",
     "fp8_quantize",
+    "fused_moe",
     "paged_context_attention",
     "paged_decode_attention",
     "rms_norm",

@@ -112,7 +112,7 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.group = group
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, group) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self._make_layer(cfg, group, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group)
         if cfg.tie_word_embeddings:
@@ -120,6 +120,10 @@ class LlamaForCausalLM(nn.Module):
         n_pos = max_positions or cfg.max_position_embeddings
         cs = rope_cos_sin_cache(cfg.head_dim, n_pos, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("cos_sin", cs, persistent=False)
+
+    def _make_layer(self, cfg: ModelConfig, group: ParallelGroup, index: int) -> nn.Module:
+        """Decoder layer ``index``; the MoE models (`engine.models.mixtral`) swap in sparse MLPs here."""
+        return LlamaDecoderLayer(cfg, group)
 
     def forward(
         self,

@@ -10,6 +10,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import WeightLoadError
+from engine.weights.moe_layout import moe_block_shapes
 
 # Tensors some exporters write that carry no weights (recomputed at run time): skipped, not errors.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -33,10 +34,15 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             f"{p}.self_attn.k_proj.weight": (kv, h),
             f"{p}.self_attn.v_proj.weight": (kv, h),
             f"{p}.self_attn.o_proj.weight": (h, q),
-            f"{p}.mlp.gate_proj.weight": (inter, h),
-            f"{p}.mlp.up_proj.weight": (inter, h),
-            f"{p}.mlp.down_proj.weight": (h, inter),
         }
+        if cfg.moe is not None and cfg.moe.is_sparse(i):
+            shapes |= moe_block_shapes(cfg, p)
+        else:
+            shapes |= {
+                f"{p}.mlp.gate_proj.weight": (inter, h),
+                f"{p}.mlp.up_proj.weight": (inter, h),
+                f"{p}.mlp.down_proj.weight": (h, inter),
+            }
         if cfg.attention_bias:
             shapes |= {
                 f"{p}.self_attn.q_proj.bias": (q,),
