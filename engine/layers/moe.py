@@ -110,7 +110,7 @@ def ep_moe(
     back = _all_to_all(y, recv, send, ep.group)
     per_pair = torch.empty_like(back)
     per_pair[order] = back
-    mine = (per_pair.float().view(hi - lo, k, -1) * weights[lo:hi, :, None]).sum(dim=1).to(x.dtype)
+    mine = (per_pair.float().view(hi - lo, k, x.shape[1]) * weights[lo:hi, :, None]).sum(dim=1).to(x.dtype)
     return _gather_slices(mine, x.shape[0], ep)
 
 
