@@ -75,11 +75,11 @@ def time_ms(fn: Callable[[], Any], device: str) -> float:
 
 
 def candidates(quick: bool) -> list[Any]:
-    from gpu_kernels.fused_moe import MoEConfig
+    from gpu_kernels.fused_moe import MoETiles
 
     if quick:
-        return [MoEConfig(16, 32, 32, 4, 1), MoEConfig(32, 16, 64, 4, 1)]
-    return [MoEConfig(m, n, k, w, s) for m, n, k, w, s in (
+        return [MoETiles(16, 32, 32, 4, 1), MoETiles(32, 16, 64, 4, 1)]
+    return [MoETiles(m, n, k, w, s) for m, n, k, w, s in (
         (16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 64, 4, 4),
         (32, 128, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
     )]

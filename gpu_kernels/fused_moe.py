@@ -28,7 +28,7 @@ interpreter_compat.apply()
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoETiles:
     """Tile sizes; small ``BLOCK_M`` for decode batches (few pairs per expert), larger for prefill."""
 
     block_m: int = 16
@@ -38,16 +38,16 @@ class MoEConfig:
     num_stages: int = 3
 
 
-def default_config(num_pairs: int, num_experts: int, interpreted: bool = False) -> MoEConfig:
+def default_config(num_pairs: int, num_experts: int, interpreted: bool = False) -> MoETiles:
     """A tile choice by pairs per expert (no autotuning: one compile per shape class)."""
     if interpreted:
-        return MoEConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
+        return MoETiles(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
     per_expert = num_pairs / max(1, num_experts)
     if per_expert <= 16:
-        return MoEConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return MoETiles(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
     if per_expert <= 64:
-        return MoEConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    return MoEConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return MoETiles(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    return MoETiles(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
 @triton.jit
@@ -149,7 +149,7 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    config: MoEConfig | None = None,
+    config: MoETiles | None = None,
 ) -> torch.Tensor:
     """Same contract as `gpu_kernels.moe_reference.fused_moe`; ids outside ``[0, E)`` are dropped."""
     _check(x, w13, w2, topk_weights, topk_ids)

@@ -140,3 +140,27 @@ def test_ep_not_dividing_experts_names_the_field() -> None:
     cfg = ModelConfig.from_hf_dict(cfg_dict)
     with pytest.raises(ExpertParallelError, match=r"decode\.ep = 4 does not divide the model's 6 experts"):
         build_model(cfg, torch.float32, "cpu", ep=ExpertParallel(rank=0, size=4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gpu_kernel_matches_the_reference_in_the_model(family: str, tmp_path: Path) -> None:
+    """bf16 on CUDA: the whole model's logits with the fused-MoE kernel vs with its torch twin."""
+    from engine.kv_cache_pool import KVCachePool, KVLayout
+    from engine.model_runner import ModelRunner
+    from engine.scheduler import ScheduledSeq
+    from gpu_kernels import ops
+    from gpu_kernels.testing import rel_err
+
+    hf, _ = hf_moe(family, seed=5)
+    hf.save_pretrained(tmp_path)
+    cfg, model = load_model(tmp_path, torch.bfloat16, "cuda")
+    layout = KVLayout(cfg.num_layers, 16, cfg.num_kv_heads, BLOCK, cfg.head_dim, torch.bfloat16)
+    runner = ModelRunner(model, KVCachePool(layout, "cuda"))
+    prompts = [[3, 14, 15, 92, 65, 35, 89, 79], list(range(40, 77))]
+    sched = [ScheduledSeq(_seq(p, f"s{i}"), len(p)) for i, p in enumerate(prompts)]
+    tables = [[1, 2, 3], [4, 5, 6]]
+    got = model.logits(runner.forward(sched, tables)[0])
+    with ops.force_reference(["fused_moe"]):
+        want = model.logits(runner.forward(sched, tables)[0])
+    assert rel_err(got, want) <= 2e-2

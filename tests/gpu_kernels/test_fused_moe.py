@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from engine.layers.moe import route
 from gpu_kernels import moe_reference, ops
 from gpu_kernels import triton_ops as K
-from gpu_kernels.fused_moe import MoEConfig
+from gpu_kernels.fused_moe import MoETiles
 from gpu_kernels.testing import case_seed, rel_err
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -83,7 +83,7 @@ def test_kernel_matches_reference(tokens, hidden, inter, experts, top_k, dtype) 
 def test_kernel_drops_other_ranks_pairs_and_takes_explicit_tiles() -> None:
     x, w13, w2, weights, ids = moe_case(12, 64, 32, 4, 2, F32)
     ids[::3, 0] += 4  # ids 4..7 belong to another expert-parallel rank
-    cfg = MoEConfig(block_m=32, block_n=16, block_k=16, num_stages=1)
+    cfg = MoETiles(block_m=32, block_n=16, block_k=16, num_stages=1)
     out = K.fused_moe(x, w13, w2, weights, ids, config=cfg)
     assert rel_err(out, moe_reference.fused_moe(x, w13, w2, weights, ids)) <= 1e-5
     assert rel_err(out, naive_moe(x, w13, w2, weights, ids)) <= 1e-5
