@@ -1,8 +1,8 @@
 """Fused Mixture-of-Experts MLP: two grouped GEMMs over (token, expert) pairs sorted by expert.
 
-The vLLM/SGLang ``fused_moe`` shape. `moe_align` sorts the ``T * k`` pairs by expert and pads
-each expert's run to ``BLOCK_M``, so every M-block of the sorted list reads one expert's weights:
-a program loads that expert's ``[BLOCK_N, BLOCK_K]`` tiles once for up to ``BLOCK_M`` tokens.
+The vLLM/SGLang ``fused_moe`` shape. `align` (twin: `moe_reference.moe_align`) sorts the ``T * k``
+pairs by expert and pads each expert's run to ``BLOCK_M``, so every M-block of the sorted list reads
+one expert's weights: a program loads that expert's ``[BLOCK_N, BLOCK_K]`` tiles once for up to ``BLOCK_M`` tokens.
 
 1. ``_gate_up_kernel``: ``silu(x W_gate^T) * (x W_up^T)`` for the block's pairs, gate and up tiles
    in one pass (two accumulators), written as ``inter [P, I]`` in the activation dtype.
@@ -22,7 +22,6 @@ import triton.language as tl
 
 from gpu_kernels import interpreter_compat
 from gpu_kernels.checks import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_pow2, check_tensor, ensure_runnable
-from gpu_kernels.moe_reference import moe_align
 
 interpreter_compat.apply()
 
@@ -51,11 +50,56 @@ def default_config(num_pairs: int, num_experts: int, interpreted: bool = False) 
 
 
 @triton.jit
+def _align_kernel(
+    ids_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_experts,
+    BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program: `moe_reference.moe_align` in one launch (a decode step cannot afford ~15 torch ops).
+
+    Experts in order; each scans the ids in chunks, placing its pairs by a running cumsum (so in
+    increasing pair order, as the reference's stable sort), then pads its run to ``BLOCK_M``.
+    Entries past ``num_padded`` stay unwritten: the GEMM programs there return before reading.
+    """
+    total = 0
+    offs = tl.arange(0, CHUNK)
+    pad = tl.arange(0, BLOCK_M)
+    for e in range(num_experts):
+        count = 0
+        for p0 in range(0, num_pairs, CHUNK):
+            ids = tl.load(ids_ptr + p0 + offs, mask=p0 + offs < num_pairs, other=-1)
+            hit = (ids == e).to(tl.int32)
+            dest = total + count + tl.cumsum(hit, 0) - 1
+            tl.store(sorted_ptr + dest, (p0 + offs).to(tl.int32), mask=hit > 0)
+            count += tl.sum(hit, 0)
+        padded = (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        tl.store(sorted_ptr + total + count + pad, num_pairs, mask=count + pad < padded)
+        for b0 in range(0, padded, BLOCK_M * CHUNK):
+            blk = b0 // BLOCK_M + offs
+            tl.store(block_expert_ptr + total // BLOCK_M + blk, e, mask=blk < padded // BLOCK_M)
+        total += padded
+    tl.store(num_padded_ptr, total)
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe_reference.moe_align` as one kernel; entries past ``num_padded`` are unspecified."""
+    flat = topk_ids.reshape(-1)
+    num_pairs = flat.numel()
+    capacity = num_pairs + num_experts * (block_m - 1)
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(cdiv(capacity, block_m), dtype=torch.int32, device=flat.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=flat.device)
+    chunk = min(1024, max(16, triton.next_power_of_2(num_pairs)))
+    _align_kernel[(1,)](flat, sorted_pairs, block_expert, num_padded, num_pairs, num_experts, BLOCK_M=block_m,
+                        CHUNK=chunk)
+    return sorted_pairs, block_expert, num_padded
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, inter, hidden, top_k,
     stride_xm, stride_we, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -80,8 +124,8 @@ def _gate_up_kernel(
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g)
-        acc_u = tl.dot(a, u, acc_u)
+        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
@@ -98,7 +142,7 @@ def _down_kernel(
     a_ptr, w_ptr, out_ptr, weight_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
     num_pairs, hidden, inter,
     stride_am, stride_we, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -118,7 +162,7 @@ def _down_kernel(
         k_ok = offs_k < inter - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     y = acc.to(a_ptr.dtype.element_ty).to(tl.float32)  # the reference's bmm output, rounded
@@ -163,14 +207,15 @@ def fused_moe(
         check_pow2(name, getattr(cfg, name), 16, 256)
     if num_pairs == 0:
         return torch.zeros_like(x)
-    sorted_pairs, block_expert, num_padded = moe_align(topk_ids, num_experts, cfg.block_m)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"  # float32 models get float32 products
+    sorted_pairs, block_expert, num_padded = align(topk_ids, num_experts, cfg.block_m)
     grid_m = block_expert.numel()
     inter_act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
     _gate_up_kernel[(grid_m, cdiv(inter, cfg.block_n))](
         x, w13, inter_act, sorted_pairs, block_expert, num_padded,
         num_pairs, inter, hidden, top_k,
         x.stride(0), w13.stride(0), w13.stride(1), inter_act.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # pairs no rank-local expert serves are never written: zero rows, so the sum skips them
@@ -179,7 +224,7 @@ def fused_moe(
         inter_act, w2, per_pair, topk_weights.contiguous().reshape(-1), sorted_pairs, block_expert, num_padded,
         num_pairs, hidden, inter,
         inter_act.stride(0), w2.stride(0), w2.stride(1), per_pair.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return per_pair.view(num_tokens, top_k, hidden).sum(dim=1).to(x.dtype)

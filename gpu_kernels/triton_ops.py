@@ -10,6 +10,7 @@ from __future__ import annotations
 from gpu_kernels.activation import silu_mul
 from gpu_kernels.context_attention import ContextConfig, paged_context_attention
 from gpu_kernels.decode_attention import decode_num_splits, paged_decode_attention
+from gpu_kernels.fused_moe import align as moe_align
 from gpu_kernels.fused_moe import fused_moe
 from gpu_kernels.norm import rms_norm
 from gpu_kernels.quant import fp8_quantize
@@ -20,6 +21,7 @@ __all__ = [
     "decode_num_splits",
     "fp8_quantize",
     "fused_moe",
+    "moe_align",
     "paged_context_attention",
     "paged_decode_attention",
     "rms_norm",

@@ -131,3 +131,15 @@ def test_kernel_on_gpu_mixtral_like(tokens: int) -> None:
     x, w13, w2, weights, ids = moe_case(tokens, 1024, 3584, 8, 2, BF16, device="cuda")
     out = K.fused_moe(x, w13, w2, weights, ids)
     assert rel_err(out, moe_reference.fused_moe(x, w13, w2, weights, ids)) <= 1e-2
+
+
+@pytest.mark.parametrize(("tokens", "top_k", "experts", "block_m"), [(1, 2, 8, 16), (9, 2, 5, 16), (700, 2, 4, 32)])
+def test_align_kernel_matches_reference(tokens: int, top_k: int, experts: int, block_m: int) -> None:
+    g = torch.Generator().manual_seed(case_seed("align", tokens, experts))
+    ids = torch.randint(-1, experts + 1, (tokens, top_k), generator=g)  # -1 and E: other ranks' experts
+    got = K.moe_align(ids, experts, block_m)
+    want = moe_reference.moe_align(ids, experts, block_m)
+    n = int(want[2])
+    assert int(got[2]) == n
+    assert torch.equal(got[0][:n], want[0][:n])
+    assert torch.equal(got[1][: n // block_m], want[1][: n // block_m])
