@@ -104,6 +104,12 @@ def config_from_gguf(path: str | Path) -> dict[str, Any]:
     def key(name: str, default: Any = None) -> Any:
         return md.get(f"{arch}.{name}", default)
 
+    if key("expert_count"):  # llama.cpp writes Mixtral as "llama" plus experts: refuse it by name
+        raise UnsupportedModelError(
+            f"{path}: a Mixture-of-Experts GGUF ({key('expert_count')} experts); "
+            "MoE models load from their HF safetensors folder"
+        )
+
     hidden = int(key("embedding_length"))
     num_heads = int(key("attention.head_count"))
     num_kv = key("attention.head_count_kv", num_heads)

@@ -164,3 +164,25 @@ def test_gpu_kernel_matches_the_reference_in_the_model(family: str, tmp_path: Pa
     with ops.force_reference(["fused_moe"]):
         want = model.logits(runner.forward(sched, tables)[0])
     assert rel_err(got, want) <= 2e-2
+
+
+def test_moe_gguf_is_refused_by_name(tmp_path: Path) -> None:
+    """llama.cpp writes Mixtral as arch "llama" with an expert count; without this check it failed on a tensor name."""
+    import gguf
+    import numpy as np
+
+    from engine.errors import UnsupportedModelError
+    from engine.weights import resolve_model
+
+    path = tmp_path / "mixtral.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_block_count, 1), (w.add_embedding_length, 8), (w.add_feed_forward_length, 16),
+                   (w.add_head_count, 2), (w.add_vocab_size, 4), (w.add_expert_count, 8), (w.add_expert_used_count, 2)):
+        add(v)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match=r"Mixture-of-Experts GGUF \(8 experts\)"):
+        resolve_model(path)
