@@ -84,8 +84,13 @@ class MoEForCausalLM(LlamaForCausalLM):
     def _make_layer(self, cfg: ModelConfig, group: ParallelGroup, index: int) -> nn.Module:
         return MoEDecoderLayer(cfg, group, self.ep, index)
 
-    def _experts(self, layer: int, name: str) -> FusedMoE:
-        block = self.layers[layer].mlp if layer < len(self.layers) else None
+    def _experts(self, layer: int, name: str) -> FusedMoE | None:
+        """Layer ``layer``'s experts; None when this rank does not hold the layer (a pipeline placeholder)."""
+        if layer >= len(self.layers):
+            raise WeightLoadError(f"unexpected checkpoint tensor {name!r}: the model has {len(self.layers)} layers")
+        if not isinstance(self.layers[layer], LlamaDecoderLayer):
+            return None
+        block = self.layers[layer].mlp
         if not isinstance(block, SparseMoeBlock):
             raise WeightLoadError(f"unexpected checkpoint tensor {name!r}: layer {layer} has no experts")
         return block.experts
@@ -102,6 +107,8 @@ class MoEForCausalLM(LlamaForCausalLM):
                     continue
                 layer = int(m.group(1))
                 experts = self._experts(layer, name)
+                if experts is None:
+                    continue
                 if m.group(4) is not None:  # stacked: every local expert's gate+up, or down
                     part = "gate_up" if m.group(4) == "gate_up_proj" else "down"
                     experts.load_stacked(name, tensor, part)
@@ -113,11 +120,12 @@ class MoEForCausalLM(LlamaForCausalLM):
                     loaded.add((layer, int(m.group(2)) - experts.first, part))
 
         super().load_weights(dense())
+        blocks = [(i, getattr(layer, "mlp", None)) for i, layer in enumerate(self.layers)]
         expected = {
             (i, e, p)
-            for i, layer in enumerate(self.layers)
-            if isinstance(layer.mlp, SparseMoeBlock)
-            for e in range(layer.mlp.experts.num_local)
+            for i, block in blocks
+            if isinstance(block, SparseMoeBlock)
+            for e in range(block.experts.num_local)
             for p in ("gate", "up", "down")
         }
         missing = sorted(expected - loaded)

@@ -133,6 +133,9 @@ def test_missing_expert_is_a_named_error() -> None:
     sd = {k: v for k, v in hf.state_dict().items() if not k.endswith("experts.down_proj")}
     with pytest.raises(WeightLoadError, match=r"missing \d+ expert weights"):
         ours.load_weights(sd.items())
+    stray = {**hf.state_dict(), "model.layers.0.mlp.experts.0.gate_proj.weight": torch.zeros(40, 64)}
+    with pytest.raises(WeightLoadError, match="layer 0 has no experts"):  # layer 0 is dense (mlp_only_layers)
+        build_model(cfg, torch.float32, "cpu").load_weights(stray.items())
 
 
 def test_ep_not_dividing_experts_names_the_field() -> None:
