@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import SplitserveError, WeightLoadError
+from engine.parallel import SINGLE, ParallelGroup
 from gpu_kernels import ops
 
 # checkpoint names of one expert's projections -> slot in our fused weights
@@ -137,26 +138,38 @@ class Router(nn.Module):
 
 
 class FusedMoE(nn.Module):
-    """This rank's experts as two stacked weights: ``w13 [E_local, 2I, H]`` (gate | up), ``w2 [E_local, H, I]``."""
+    """This rank's experts as two stacked weights: ``w13 [E_local, 2I', H]`` (gate | up), ``w2 [E_local, H, I']``.
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, ep: ExpertParallel) -> None:
+    With ``ep > 1`` the experts are split over the ranks and each holds whole experts (``ep`` must
+    then equal ``tp``: the ranks that split the attention heads split the experts). With ``ep = 1``
+    and ``tp > 1`` every rank holds every expert's ``I' = I / tp`` slice of the intermediate
+    dimension, like a row/column-parallel MLP, and the outputs are summed (one all-reduce).
+    """
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, ep: ExpertParallel,
+        group: ParallelGroup = SINGLE,
+    ) -> None:
         super().__init__()
+        if ep.size > 1 and group.tp_size not in (1, ep.size):
+            raise ExpertParallelError(
+                f"{ep.field} = {ep.size} with tp = {group.tp_size}: experts split over ep ranks need ep = tp "
+                "(or ep = 1)"
+            )
         self.ep = ep
+        self.tp = group if ep.size == 1 else SINGLE  # expert slices over tp only when experts are not split
         self.first, self.num_local = ep.local_experts(num_experts)
         self.num_experts = num_experts
-        self.inter = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * intermediate_size, hidden_size), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(self.num_local, hidden_size, intermediate_size), requires_grad=False)
+        self.full_inter = intermediate_size
+        self.inter = self.tp.shard(intermediate_size, "expert intermediate size")
+        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * self.inter, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.num_local, hidden_size, self.inter), requires_grad=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return ep_moe(x, weights, ids, self.w13, self.w2, self.ep)
+        return self.tp.all_reduce(ep_moe(x, weights, ids, self.w13, self.w2, self.ep))
 
-    def _slot(self, part: str, local: int) -> torch.Tensor:
-        if part == "gate":
-            return self.w13[local, : self.inter]
-        if part == "up":
-            return self.w13[local, self.inter :]
-        return self.w2[local]
+    def _tp_slice(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return t.narrow(dim, self.tp.tp_rank * self.inter, self.inter)
 
     def load_expert(self, name: str, tensor: torch.Tensor, expert: int, part: str) -> bool:
         """Copy one expert's gate/up/down weight if it lives here; False when another rank holds it."""
@@ -165,18 +178,32 @@ class FusedMoE(nn.Module):
         local = expert - self.first
         if not 0 <= local < self.num_local:
             return False
-        dst = self._slot(part, local)
-        if dst.shape != tensor.shape:
-            raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+        h = self.w2.shape[1]
+        want = (h, self.full_inter) if part == "down" else (self.full_inter, h)
+        if tuple(tensor.shape) != want:
+            raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {want}")
+        if part == "down":
+            dst, src = self.w2[local], self._tp_slice(tensor, 1)
+        else:
+            dst = self.w13[local].narrow(0, 0 if part == "gate" else self.inter, self.inter)
+            src = self._tp_slice(tensor, 0)
         with torch.no_grad():
-            dst.copy_(tensor.to(dst.dtype))
+            dst.copy_(src.to(dst.dtype))
         return True
 
     def load_stacked(self, name: str, tensor: torch.Tensor, part: str) -> None:
         """transformers >= 5 keeps all experts in one tensor (``gate_up_proj [E, 2I, H]``, ``down_proj``)."""
+        h = self.w2.shape[1]
+        e, i = self.num_experts, self.full_inter
+        want = (e, 2 * i, h) if part == "gate_up" else (e, h, i)
+        if tuple(tensor.shape) != want:
+            raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {want}")
+        mine = tensor.narrow(0, self.first, self.num_local)
+        if part == "down":
+            src = self._tp_slice(mine, 2)
+        else:
+            gate, up = mine.narrow(1, 0, self.full_inter), mine.narrow(1, self.full_inter, self.full_inter)
+            src = torch.cat([self._tp_slice(gate, 1), self._tp_slice(up, 1)], dim=1)
         dst = self.w13 if part == "gate_up" else self.w2
-        local = tensor.narrow(0, self.first, self.num_local) if tensor.shape[0] == self.num_experts else tensor
-        if dst.shape != local.shape:
-            raise WeightLoadError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
         with torch.no_grad():
-            dst.copy_(local.to(dst.dtype))
+            dst.copy_(src.to(dst.dtype))

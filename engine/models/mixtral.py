@@ -38,7 +38,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k = moe.top_k
         self.renormalize = moe.norm_topk_prob
         self.gate = Router(cfg.hidden_size, moe.num_experts)
-        self.experts = FusedMoE(moe.num_experts, cfg.hidden_size, moe.intermediate_size, ep)
+        self.experts = FusedMoE(moe.num_experts, cfg.hidden_size, moe.intermediate_size, ep, group)
         self.shared_expert: LlamaMLP | None = None
         self.shared_expert_gate: Router | None = None
         if moe.has_shared_expert:

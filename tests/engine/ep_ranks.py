@@ -11,16 +11,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.layers.moe import ExpertParallel, ep_moe, route
+from engine.layers.moe import EP_SINGLE, ExpertParallel, ep_moe, route
 from engine.model_loader import load_model
+from engine.parallel import SINGLE, ParallelGroup
 from gpu_kernels import ops
 from tests.engine.test_hf_parity import Harness, _seq
 
 
-def greedy_run(model_dir: str, ep: ExpertParallel, prompts: list[list[int]], steps: int) -> dict[str, object]:
+def greedy_run(
+    model_dir: str, ep: ExpertParallel, prompts: list[list[int]], steps: int, group: ParallelGroup = SINGLE
+) -> dict[str, object]:
     """Prefill ``prompts`` in one batch, then ``steps`` greedy decode steps (the last alone)."""
-    cfg, model = load_model(model_dir, torch.float32, "cpu", ep=ep)
-    h = Harness(model, cfg)
+    cfg, model = load_model(model_dir, torch.float32, "cpu", group=group, ep=ep)
+    h = Harness(model, cfg.replace(num_kv_heads=cfg.num_kv_heads // group.tp_size))  # this rank's KV heads
     seqs = [(_seq(p, f"s{i}"), len(p), h.blocks(4)) for i, p in enumerate(prompts)]
     logits = [out[-1] for out in h.run(seqs)]
     for step in range(steps):
@@ -52,7 +55,13 @@ def rank_main(rank: int, world: int, port: int, model_dir: str, out_dir: str, pr
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         ep = ExpertParallel(rank=rank, size=world)
-        result = {"layer": layer_check(ep), **greedy_run(model_dir, ep, prompts, steps=4)}
+        tp = ParallelGroup(tp_rank=rank, tp_size=world)
+        result = {
+            "layer": layer_check(ep),
+            "ep": greedy_run(model_dir, ep, prompts, steps=4),
+            "tp": greedy_run(model_dir, EP_SINGLE, prompts, steps=4, group=tp),  # experts sliced over tp
+            "tp+ep": greedy_run(model_dir, ep, prompts, steps=4, group=tp),
+        }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

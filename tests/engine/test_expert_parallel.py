@@ -1,7 +1,8 @@
 """Expert parallelism over real processes (gloo): ep=2 gives ep=1's logits and greedy tokens.
 
 A random-weight tiny Mixtral (float32, saved as safetensors) is served by two ranks that each
-load only their half of the experts and exchange tokens with all-to-all.
+load only their half of the experts and exchange tokens with all-to-all; then by tp=2 (attention
+heads split, every expert's intermediate dimension split) and by tp=2 with ep=2.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ def test_ep2_matches_ep1(tmp_path) -> None:
         rank_main, args=(2, _free_port(), str(model_dir), str(tmp_path), PROMPTS), nprocs=2, start_method="spawn"
     )
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert got["tokens"] == want["tokens"], rank
-        torch.testing.assert_close(got["last_logits"], want["last_logits"], rtol=1e-5, atol=1e-5)
-        layer = got["layer"]
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for shape in ("ep", "tp", "tp+ep"):
+            got = result[shape]
+            assert got["tokens"] == want["tokens"], (rank, shape)
+            torch.testing.assert_close(got["last_logits"], want["last_logits"], rtol=1e-5, atol=1e-5)
+        layer = result["layer"]
         assert float(layer["err0"]) == 0.0  # no tokens: an empty result, no hang
         assert float(layer["err1"]) < 1e-5 and float(layer["err7"]) < 1e-5

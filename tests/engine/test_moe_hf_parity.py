@@ -189,3 +189,12 @@ def test_moe_gguf_is_refused_by_name(tmp_path: Path) -> None:
     w.close()
     with pytest.raises(UnsupportedModelError, match=r"Mixture-of-Experts GGUF \(8 experts\)"):
         resolve_model(path)
+
+
+def test_ep_other_than_tp_is_refused() -> None:
+    """Experts split over ep ranks while tp splits heads over more ranks: no layout for that yet."""
+    from engine.layers.moe import FusedMoE
+    from engine.parallel import ParallelGroup
+
+    with pytest.raises(ExpertParallelError, match=r"decode\.ep = 2 with tp = 4: .* need ep = tp"):
+        FusedMoE(8, 64, 32, ExpertParallel(rank=0, size=2), ParallelGroup(tp_rank=0, tp_size=4))
