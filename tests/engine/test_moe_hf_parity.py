@@ -104,10 +104,9 @@ def test_prefill_and_decode_match_hf(saved) -> None:
             _close(o[0], _hf_logits(hf, s.all_token_ids)[-1])
 
 
-def test_state_dict_with_stacked_experts_loads() -> None:
-    """transformers >= 5 keeps experts stacked in memory; our loader takes that layout too."""
+def test_in_memory_state_dict_loads() -> None:
+    """transformers' in-memory layout (>= 5: all experts stacked in one tensor) loads as well as the Hub's."""
     hf, cfg_dict = hf_moe("mixtral", seed=3)
-    assert any(k.endswith("experts.gate_up_proj") for k in hf.state_dict())
     cfg = ModelConfig.from_hf_dict(cfg_dict)
     ours = build_model(cfg, torch.float32, "cpu")
     ours.load_weights(hf.state_dict().items())
