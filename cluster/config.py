@@ -119,6 +119,13 @@ class RouterConfig(_Section):
     max_queued_requests: int = Field(
         256, ge=1, description="per decode worker; when every worker is over it the router answers 429"
     )
+    max_in_flight_requests: int = Field(
+        1024, ge=0, description="sequences streaming at once (counted by the router); more get 429; 0: no limit"
+    )
+    max_queued_prompt_tokens: int = Field(
+        1_048_576, ge=0,
+        description="per pool: admitted prompt tokens not yet prefilled (router-counted); more get 429; 0: no limit",
+    )
     max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
