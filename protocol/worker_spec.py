@@ -48,6 +48,8 @@ class WorkerSpec:
     request_timeout_s: float = 0.0  # decode: default per-request deadline, 0 = none
     transfer_timeout_s: float = 10.0  # prefill: how long one step's KV writes may take
     grpc_workers: int = 256  # decode: one thread per open Generate stream
+    max_queued_requests: int = 0  # prefill: its own admission limit (RESOURCE_EXHAUSTED past it), 0 = none
+    max_queued_prompt_tokens: int = 0  # prefill: likewise for prompt tokens not yet computed, 0 = none
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
     random_weights: bool = False
     seed: int = 0
@@ -68,6 +70,9 @@ class WorkerSpec:
         for name in ("lease_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:
                 raise WorkerSpecError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("max_queued_requests", "max_queued_prompt_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise WorkerSpecError(f"{name}: must be an integer >= 0 (0: no limit), got {getattr(self, name)!r}")
         if self.request_timeout_s < 0:
             raise WorkerSpecError(f"request_timeout_s: must be >= 0, got {self.request_timeout_s}")
         try:

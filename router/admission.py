@@ -9,6 +9,14 @@ was chosen, else decode) until its first token arrives. A request that would pus
 count past its limit is refused at once with 429 and ``Retry-After``, before any worker is
 contacted, so an overloaded router answers in microseconds instead of queueing.
 
+Templating and tokenizing a request cost milliseconds of the router's one event loop; with
+hundreds arriving at once the last would wait seconds for its 429. So `AdmissionGate`, an ASGI
+middleware, refuses generation requests before their body is even read while the requests in
+flight plus those *arriving* (let through the gate, not yet admitted or refused) fill the
+in-flight limit: a burst cannot all slip through while the first of it is still being parsed.
+The exact check (`Admission.admit`, which knows the prompt's pool, length and ``n``) runs once
+the request is routed; `arrived` ends a request's arriving state exactly once.
+
 A request that alone exceeds a limit is admitted when the pool it needs is idle: otherwise it
 could never run. Everything runs on the router's event loop, so the counts need no lock.
 Every admission returns a `Ticket`; `Ticket.release` is idempotent, and the app calls it on
@@ -21,9 +29,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from protocol.registry import POOLS, PoolName
 from router.backend import TokenDelta
-from router.errors import QueueFullError
+from router.errors import QueueFullError, error_response
 from router.policy import RouteDecision
 
 
@@ -64,6 +74,7 @@ class Admission:
         self.limits = limits
         self.in_flight = 0
         self.queued_tokens: dict[str, int] = dict.fromkeys(POOLS, 0)
+        self.arriving = 0  # through the gate, not yet admitted or refused
         self.rejected = 0
 
     def admit(self, charges: Sequence[Charge]) -> Ticket:
@@ -73,6 +84,19 @@ class Admission:
         for c in charges:
             self.queued_tokens[c.pool] += c.prompt_tokens
         return Ticket(self, list(charges))
+
+    def check_room(self) -> None:
+        """Raise `QueueFullError` when not even one more sequence could be admitted now."""
+        limit = self.limits.max_in_flight_requests
+        if limit and self.in_flight + self.arriving >= limit:
+            self._refuse(f"{self.in_flight + self.arriving} requests in flight "
+                         f"(router.max_in_flight_requests={limit})")
+
+    def arrived(self, state: dict[str, object]) -> None:
+        """The request whose ASGI ``state`` this is has reached `admit` (or ended): it no longer
+        holds an arriving slot. Safe to call any number of times."""
+        if state.pop(_ARRIVING, None) is not None:
+            self.arriving -= 1
 
     def _check(self, charges: Sequence[Charge]) -> None:
         lim = self.limits
@@ -129,3 +153,29 @@ class Ticket:
                 yield delta
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
+
+
+_ARRIVING = "splitserve.admission.arriving"
+
+
+class AdmissionGate:
+    """Refuses requests to ``paths`` with 429 before reading their body while `Admission` is full;
+    lets the others through as arriving (the app calls `Admission.arrived` before `admit`)."""
+
+    def __init__(self, app: ASGIApp, admission: Admission, paths: tuple[str, ...]) -> None:
+        self.app, self.admission, self.paths = app, admission, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.paths:
+            return await self.app(scope, receive, send)
+        try:
+            self.admission.check_room()
+        except QueueFullError as e:
+            return await error_response(e)(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state[_ARRIVING] = True
+        self.admission.arriving += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.arrived(state)  # refused before `admit` (400, 404...): the slot is free again

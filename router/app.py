@@ -29,7 +29,7 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from protocol.control_plane import ControlPlane
 from router import protocol as P
-from router.admission import Admission, AdmissionLimits, Ticket, charge_for
+from router.admission import Admission, AdmissionGate, AdmissionLimits, Ticket, charge_for
 from router.backend import GenerationBackend, TokenDelta, Tokenizer
 from router.dispatch import ClusterView, Dispatcher, RoutedPrompt, deadline_after
 from router.errors import (
@@ -127,6 +127,7 @@ def create_app(
     app.state.router = state
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionGate, admission=state.admission, paths=("/v1/chat/completions", "/v1/completions"))
     app.add_middleware(_CountStatus, metrics=metrics)
     app.add_middleware(JsonBodyWithoutContentType)
     keys = [k.encode() for k in settings.api_keys]
@@ -294,6 +295,7 @@ async def _serve(
     request_id = renderer.response_id
     deadline = deadline_after(state.settings.request_timeout_s)
     # 429 here, before any worker is contacted
+    state.admission.arrived(request.scope.setdefault("state", {}))
     ticket = state.admission.admit([charge_for(j.routed.decision, len(j.routed.prompt_token_ids)) for j in jobs])
     streams = [
         ticket.meter(j.index, state.dispatcher.stream(j.routed, f"{request_id}-{j.index}", j.params, deadline))

@@ -92,7 +92,7 @@ def _admission(server: Server) -> Admission:
 
 def _idle(server: Server) -> bool:
     adm = _admission(server)
-    return adm.in_flight == 0 and not any(adm.queued_tokens.values())
+    return adm.in_flight == 0 and adm.arriving == 0 and not any(adm.queued_tokens.values())
 
 
 def test_overload_excess_gets_429_at_once_and_the_admitted_finish(server: Server, backend: ScriptedBackend) -> None:
@@ -146,4 +146,18 @@ def test_router_accounting_is_not_the_heartbeats(server: Server, backend: Script
     with httpx.Client(timeout=10) as c, c.stream("POST", f"{server.url}{CHAT}", json={**body, "n": 4}) as held:
         assert held.status_code == 200
         _assert_error(c.post(f"{server.url}{CHAT}", json=OK_CHAT), 429, code="queue_full")
+    assert _wait_for(lambda: _idle(server))
+
+
+def test_gate_refuses_before_reading_the_body_while_full(server: Server, backend: ScriptedBackend) -> None:
+    backend.delay = 0.05
+    body = {**OK_CHAT, "stream": True, "max_tokens": 100, "n": 4}
+    with httpx.Client(timeout=10) as c, c.stream("POST", f"{server.url}{CHAT}", json=body) as held:
+        assert held.status_code == 200
+        t0 = time.monotonic()
+        r = c.post(f"{server.url}/v1/completions", content=b"{not json")  # never parsed: refused first
+        assert time.monotonic() - t0 < 0.5
+        _assert_error(r, 429, code="queue_full")
+        assert r.headers["retry-after"] == "1"
+        assert c.get(f"{server.url}/v1/models").status_code == 200  # other routes are not gated
     assert _wait_for(lambda: _idle(server))
