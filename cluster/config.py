@@ -45,6 +45,12 @@ class PrefillPoolConfig(_Section):
     pp: int = Field(1, ge=1, description="pipeline stages per group")
     max_batched_tokens: int = Field(2048, ge=1, description="prompt tokens per forward step")
     chunk_size: int = Field(512, ge=1, description="prompt tokens per chunk of chunked prefill")
+    max_queued_requests: int = Field(
+        0, ge=0, description="per worker: jobs queued or running beyond which it refuses more (0: no limit)"
+    )
+    max_queued_prompt_tokens: int = Field(
+        0, ge=0, description="per worker: prompt tokens not yet computed beyond which it refuses more (0: no limit)"
+    )
 
     @model_validator(mode="after")
     def _chunk_fits_batch(self) -> PrefillPoolConfig:
@@ -146,9 +152,13 @@ class RouterConfig(_Section):
 
 
 class RedisConfig(_Section):
-    """Control-plane store: a URL, or ``embedded`` to start a private redis-server."""
+    """Control-plane store: a URL, or ``embedded`` to start a private redis-server (which gets a
+    password generated per start). An external server's password goes in the URL
+    (``redis://:pw@host:6379/0``; ``rediss://`` for TLS) or, better kept out of the file, in the
+    environment variable named by ``password_env``."""
 
     url: str = "embedded"
+    password_env: str | None = Field(None, min_length=1, description="env var holding the external server's password")
 
     @field_validator("url")
     @classmethod
@@ -157,9 +167,29 @@ class RedisConfig(_Section):
             raise ValueError(f"must be 'embedded' or a redis://, rediss:// or unix:// URL, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _password_needs_url(self) -> RedisConfig:
+        if self.password_env is not None and self.embedded:
+            raise _field_error("password_env", "only for an external server (the embedded one generates its own)")
+        return self
+
     @property
     def embedded(self) -> bool:
         return self.url == "embedded"
+
+    def connect_url(self) -> str:
+        """The external server's URL with the password from ``password_env`` in it (never print it:
+        `cluster.redis_server.redact_url`). Raises `ConfigError` when that variable is unset."""
+        import os
+
+        from cluster.redis_server import with_password
+
+        if self.password_env is None:
+            return self.url
+        password = os.environ.get(self.password_env)
+        if not password:
+            raise ConfigError(f"redis.password_env: environment variable {self.password_env} is not set")
+        return with_password(self.url, password)
 
 
 class ClusterConfig(_Section):

@@ -73,8 +73,13 @@ def worker_specs(
         random_weights=config.random_weights, seed=config.seed, exact_attention=config.exact_attention,
     )
     seqs = config.decode.max_num_seqs
+    own: dict[str, dict[str, Any]] = {
+        "prefill": dict(max_queued_requests=config.prefill.max_queued_requests,
+                        max_queued_prompt_tokens=config.prefill.max_queued_prompt_tokens),
+        "decode": {},
+    }
     specs = [
-        WorkerSpec(role=role, worker_id=f"{role}-{i}", max_num_seqs=seqs, **common)
+        WorkerSpec(role=role, worker_id=f"{role}-{i}", max_num_seqs=seqs, **common, **own[role])
         for role, n in (("prefill", config.prefill.replicas), ("decode", config.decode.replicas))
         for i in range(n)
     ]
@@ -96,7 +101,7 @@ def create_router_app(settings: RouterSettings, model: str, token: str, redis_ur
     from router.grpc_backend import GrpcBackend
 
     backend = GrpcBackend(load_tokenizer(model), token)
-    router_cp = ControlPlane.from_url(redis_url, ttl_s=ttl_s)
+    router_cp = ControlPlane.from_url(redis_url, ttl_s=ttl_s, token=token)
     app = create_app(settings, backend, router_cp)
     view = app.state.router.cluster
     backend.set_lookup(lambda wid: next((w.info for w in view.workers() if w.worker_id == wid), None))
@@ -189,7 +194,7 @@ class LocalCluster:
     def _start(self, cancelled: Callable[[], bool]) -> None:
         model = self.model_path()
         groups = worker_groups(self.config, model, self.worker_overrides)
-        self.redis = RedisService.start(self.config.redis, self.registry_ttl_s)
+        self.redis = RedisService.start(self.config.redis, self.registry_ttl_s, self.token)
         self.launcher = self._make_launcher(self.token, {
             REDIS_URL_ENV: self.redis.url, REGISTRY_TTL_ENV: str(self.registry_ttl_s),
             PARENT_PID_ENV: str(os.getpid()),

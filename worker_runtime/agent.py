@@ -30,6 +30,7 @@ import redis
 
 from protocol.control_plane import ControlPlane
 from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
+from protocol.worker_spec import TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def attach_worker_agent(
     parent = int(env[PARENT_PID_ENV]) if env.get(PARENT_PID_ENV) else None
     # bounded socket waits: an unreachable Redis must never hold up the worker's shutdown
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    cp = ControlPlane(client, ttl_s=ttl_s)
+    cp = ControlPlane(client, ttl_s=ttl_s, token=env.get(TOKEN_ENV, ""))  # records sealed with the token
     info = WorkerInfo(
         worker_id=worker.worker_id,
         pool=pool,  # type: ignore[arg-type]

@@ -135,7 +135,7 @@ def test_survives_a_redis_outage_and_resynchronizes() -> None:
         relay.push([EngineEvent("stored", (5, 6), None)])  # relayed while Redis is down: not lost
         time.sleep(0.3)
         assert agent._thread.is_alive()
-        second = EmbeddedRedis(port=port).start()  # an empty store, as after a restart
+        second = EmbeddedRedis(port=port, password=first.password).start()  # an empty store, as after a restart
         assert _wait(lambda: [w.worker_id for w in plane.list_workers()] == ["p0"], timeout=10)
         assert _wait(lambda: any(e.kind == "stored" and set(e.block_hashes) == {5, 6}
                                  for e in _events(plane, "p0")))
