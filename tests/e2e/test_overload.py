@@ -6,6 +6,7 @@ pool is whole again (no leaked KV block) and the router's counts are back to zer
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import statistics
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from splitserve.serve import LocalCluster
@@ -25,6 +27,12 @@ from tests.e2e.overload_client import LONG
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's view
+    return (mapped or addr).is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,20 @@ def test_300_concurrent_requests_against_low_limits(cluster: LocalCluster) -> No
     adm = cluster.app.state.router.admission
     assert wait_for(lambda: adm.in_flight == adm.arriving == 0 and not any(adm.queued_tokens.values()), timeout=30)
     wait_pools_full(cluster, timeout=60)  # 0 blocks leaked on either pool
+
+
+def test_workers_listen_on_loopback_only(cluster: LocalCluster) -> None:
+    """router.host and the workers' host are 127.0.0.1: gRPC, the KV transport (NIXL/UCX by
+    default) and anything else a worker opened must not listen on an external interface."""
+    assert cluster.config.kvtransfer.backend == "nixl"
+    for w in cluster.workers:
+        port = int(w.address.rsplit(":", 1)[1])
+        owners = {c.pid for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.laddr.port == port}
+        assert len(owners) == 1, (w.worker_id, owners)
+        proc = psutil.Process(owners.pop())
+        listening = [c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == "LISTEN"]
+        assert len(listening) >= 2, listening  # gRPC and UCX at least
+        assert all(_loopback(ip) for ip in listening), (w.worker_id, listening)
 
 
 def test_server_still_serves_after_the_storm(cluster: LocalCluster) -> None:
