@@ -192,6 +192,31 @@ class RedisConfig(_Section):
         return with_password(self.url, password)
 
 
+class TlsConfig(_Section):
+    """TLS for worker gRPC (PEM files): workers serve with ``cert_file``/``key_file`` (its SANs must
+    name the worker hosts), the router and workers verify each other's server against ``ca_file``.
+    All empty: plain gRPC (the cluster token still authenticates every call)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TlsConfig:
+        given = {name: getattr(self, name) for name in ("cert_file", "key_file", "ca_file")}
+        if any(given.values()):
+            for name, path in given.items():
+                if not path:
+                    raise _field_error(name, "required when TLS is configured (cert_file, key_file, ca_file)")
+                if not Path(path).is_file():
+                    raise _field_error(name, f"no such file: {path}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
 class ClusterConfig(_Section):
     """A whole deployment. `load_config(None)` gives the embedded CPU default."""
 
@@ -214,6 +239,7 @@ class ClusterConfig(_Section):
     kvtransfer: KVTransferConfig = KVTransferConfig()
     router: RouterConfig = RouterConfig()
     redis: RedisConfig = RedisConfig()
+    tls: TlsConfig = TlsConfig()
 
     @field_validator("redis", mode="before")
     @classmethod
