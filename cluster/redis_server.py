@@ -129,6 +129,7 @@ class EmbeddedRedis:
                                               preexec_fn=_die_with_parent)
             if self._wait_ready(port):
                 self.port = port
+                Path(args[1]).unlink()  # read at start-up only: no password left on disk after a crash
                 return self
             tail = log.read_text(errors="replace")[-2000:]
             self.stop()

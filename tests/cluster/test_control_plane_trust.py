@@ -50,12 +50,25 @@ def test_embedded_server_needs_its_generated_password(server: EmbeddedRedis) -> 
     assert EmbeddedRedis().password != server.password  # a fresh one per server
 
 
-def test_password_is_not_on_the_command_line_and_its_file_is_private(server: EmbeddedRedis) -> None:
+def test_password_is_not_on_the_command_line_nor_left_on_disk(
+    server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert server._proc is not None and server._dir is not None
     cmdline = Path(f"/proc/{server._proc.pid}/cmdline").read_bytes()
     assert server.password.encode() not in cmdline
-    conf = Path(server._dir.name) / "redis.conf"
-    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert not (Path(server._dir.name) / "redis.conf").exists()  # removed once the server read it
+    modes: list[int] = []
+    real_unlink = Path.unlink
+
+    def spy(path: Path, *a: object, **kw: object) -> None:
+        if path.name == "redis.conf":
+            modes.append(stat.S_IMODE(path.stat().st_mode))
+        real_unlink(path, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "unlink", spy)
+    with EmbeddedRedis():
+        pass
+    assert modes == [0o600]  # while it existed, only its owner could read it
 
 
 def test_urls_never_print_the_password() -> None:
