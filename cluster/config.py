@@ -201,6 +201,12 @@ class TlsConfig(_Section):
     key_file: str = ""
     ca_file: str = ""
 
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # workers run in another working directory: hand them paths that mean the same file
+        return str(Path(v).expanduser().resolve()) if v else v
+
     @model_validator(mode="after")
     def _all_or_none(self) -> TlsConfig:
         given = {name: getattr(self, name) for name in ("cert_file", "key_file", "ca_file")}

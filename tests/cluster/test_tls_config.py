@@ -43,3 +43,10 @@ def test_worker_spec_refuses_partial_tls() -> None:
         WorkerSpec(role="decode", model="m", tls_cert_file="c.pem", tls_key_file="k.pem")
     with pytest.raises(ValueError, match="give both or neither"):
         GrpcTls("ca.pem", cert_file="c.pem")
+
+
+def test_relative_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _files(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    tls = config_from_dict({"tls": {"cert_file": "c.pem", "key_file": "k.pem", "ca_file": "ca.pem"}}).tls
+    assert tls.cert_file == str(tmp_path.resolve() / "c.pem") and Path(tls.ca_file).is_absolute()
