@@ -45,6 +45,12 @@ class PrefillPoolConfig(_Section):
     pp: int = Field(1, ge=1, description="pipeline stages per group")
     max_batched_tokens: int = Field(2048, ge=1, description="prompt tokens per forward step")
     chunk_size: int = Field(512, ge=1, description="prompt tokens per chunk of chunked prefill")
+    max_queued_requests: int = Field(
+        0, ge=0, description="per worker: jobs queued or running beyond which it refuses more (0: no limit)"
+    )
+    max_queued_prompt_tokens: int = Field(
+        0, ge=0, description="per worker: prompt tokens not yet computed beyond which it refuses more (0: no limit)"
+    )
 
     @model_validator(mode="after")
     def _chunk_fits_batch(self) -> PrefillPoolConfig:
@@ -119,6 +125,13 @@ class RouterConfig(_Section):
     max_queued_requests: int = Field(
         256, ge=1, description="per decode worker; when every worker is over it the router answers 429"
     )
+    max_in_flight_requests: int = Field(
+        1024, ge=0, description="sequences streaming at once (counted by the router); more get 429; 0: no limit"
+    )
+    max_queued_prompt_tokens: int = Field(
+        1_048_576, ge=0,
+        description="per pool: admitted prompt tokens not yet prefilled (router-counted); more get 429; 0: no limit",
+    )
     max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
@@ -139,9 +152,13 @@ class RouterConfig(_Section):
 
 
 class RedisConfig(_Section):
-    """Control-plane store: a URL, or ``embedded`` to start a private redis-server."""
+    """Control-plane store: a URL, or ``embedded`` to start a private redis-server (which gets a
+    password generated per start). An external server's password goes in the URL
+    (``redis://:pw@host:6379/0``; ``rediss://`` for TLS) or, better kept out of the file, in the
+    environment variable named by ``password_env``."""
 
     url: str = "embedded"
+    password_env: str | None = Field(None, min_length=1, description="env var holding the external server's password")
 
     @field_validator("url")
     @classmethod
@@ -150,9 +167,60 @@ class RedisConfig(_Section):
             raise ValueError(f"must be 'embedded' or a redis://, rediss:// or unix:// URL, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _password_needs_url(self) -> RedisConfig:
+        if self.password_env is not None and self.embedded:
+            raise _field_error("password_env", "only for an external server (the embedded one generates its own)")
+        return self
+
     @property
     def embedded(self) -> bool:
         return self.url == "embedded"
+
+    def connect_url(self) -> str:
+        """The external server's URL with the password from ``password_env`` in it (never print it:
+        `cluster.redis_server.redact_url`). Raises `ConfigError` when that variable is unset."""
+        import os
+
+        from cluster.redis_server import with_password
+
+        if self.password_env is None:
+            return self.url
+        password = os.environ.get(self.password_env)
+        if not password:
+            raise ConfigError(f"redis.password_env: environment variable {self.password_env} is not set")
+        return with_password(self.url, password)
+
+
+class TlsConfig(_Section):
+    """TLS for worker gRPC (PEM files): workers serve with ``cert_file``/``key_file`` (its SANs must
+    name the worker hosts), the router and workers verify each other's server against ``ca_file``.
+    All empty: plain gRPC (the cluster token still authenticates every call)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+
+    @field_validator("cert_file", "key_file", "ca_file")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        # workers run in another working directory: hand them paths that mean the same file
+        return str(Path(v).expanduser().resolve()) if v else v
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TlsConfig:
+        given = {name: getattr(self, name) for name in ("cert_file", "key_file", "ca_file")}
+        if any(given.values()):
+            for name, path in given.items():
+                if not path:
+                    raise _field_error(name, "required when TLS is configured (cert_file, key_file, ca_file)")
+                if not Path(path).is_file():
+                    raise _field_error(name, f"no such file: {path}")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
 
 
 class ClusterConfig(_Section):
@@ -177,6 +245,7 @@ class ClusterConfig(_Section):
     kvtransfer: KVTransferConfig = KVTransferConfig()
     router: RouterConfig = RouterConfig()
     redis: RedisConfig = RedisConfig()
+    tls: TlsConfig = TlsConfig()
 
     @field_validator("redis", mode="before")
     @classmethod

@@ -22,12 +22,20 @@ a timeout (``pthrDelay``); its Python wrapper hard-codes that timeout to 0, whic
 thread into a busy loop (a whole core per idle worker). `_make_agent` keeps the thread but
 gives it a real timeout (`TransportOptions.nixl_progress_wait_us`): it sleeps in ``poll()``
 while nothing happens and wakes on the first UCX event, so hand-over latency is unchanged.
+
+Exposure: UCX's TCP transport listens on every network device it finds, so a worker whose
+host is loopback would still accept UCX connections on the machine's external interfaces.
+For a loopback host `_bind_ucx_to` restricts UCX to the loopback device (``UCX_NET_DEVICES=lo``;
+shared memory and CUDA IPC are not network devices and stay available); an operator's own
+``UCX_NET_DEVICES`` wins.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import os
 import sys
 import threading
 from typing import Any
@@ -83,6 +91,16 @@ def _make_agent(agent_name: str, config: nixl_agent_config, progress_wait_us: in
             api.nixlBind = bind
 
 
+def _bind_ucx_to(host: str) -> None:
+    """Before the first UCX context of the process: keep UCX on loopback when ``host`` is."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback and sys.platform == "linux":
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
 def _mem_type(device: str) -> str:
     return "VRAM" if device == "cuda" else "DRAM"
 
@@ -113,6 +131,7 @@ class NixlTransport(KVTransport):
         config = nixl_agent_config(
             backends=list(self.options.nixl_backends), capture_telemetry=self.options.nixl_telemetry
         )
+        _bind_ucx_to(self.options.host)
         self._agent = _make_agent(agent_name, config, self.options.nixl_progress_wait_us)
         missing = [b for b in self.options.nixl_backends if b not in self._agent.backends]
         if missing:

@@ -66,6 +66,9 @@ class PrefillLoop:
         self._integrity = IdleIntegrityCheck()
         self.kv_events = KVEventRelay()
         self._snapshot = PrefillSnapshot()
+        # jobs submitted but not yet in a published snapshot: (requests, prompt tokens)
+        self._pending_lock = threading.Lock()
+        self._pending = (0, 0)
         self._thread = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
 
     @property
@@ -84,7 +87,27 @@ class PrefillLoop:
         self._thread.join(timeout)
 
     def submit(self, job: PrefillJob) -> None:
+        with self._pending_lock:
+            self._pending = (self._pending[0] + 1, self._pending[1] + len(job.prompt_token_ids))
         self.inbox.put(job)
+
+    def try_submit(self, job: PrefillJob, max_requests: int, max_tokens: int) -> str:
+        """Queue ``job`` unless it would pass the worker's own limits (0: none); returns why not.
+
+        Counts what the last snapshot shows plus what was submitted since, under one lock, so
+        a burst of concurrent calls cannot all pass on the same stale snapshot. A job alone
+        larger than a limit is taken when nothing is queued (it could never run otherwise)."""
+        with self._pending_lock:
+            snap = self._snapshot
+            requests = snap.num_waiting + snap.num_running + self._pending[0]
+            tokens = snap.queued_prefill_tokens + self._pending[1]
+            if max_requests and requests and requests + 1 > max_requests:
+                return f"{requests} requests queued (max_queued_requests={max_requests})"
+            if max_tokens and tokens and tokens + len(job.prompt_token_ids) > max_tokens:
+                return f"{tokens} prompt tokens queued (max_queued_prompt_tokens={max_tokens})"
+            self._pending = (self._pending[0] + 1, self._pending[1] + len(job.prompt_token_ids))
+        self.inbox.put(job)
+        return ""
 
     def handshake(self, agent: str, metadata: bytes, timeout: float = 60.0) -> str:
         """"" once ``agent`` is our transport peer, else why it was refused (compat mismatch...)."""
@@ -114,9 +137,13 @@ class PrefillLoop:
                 return
             for m in msgs:
                 self._handle(m)
-            if any(isinstance(m, PrefillJob) for m in msgs):
+            jobs = [m for m in msgs if isinstance(m, PrefillJob)]
+            if jobs:
                 # new jobs' leases go to the renewer now, not after their first (maybe long) step
                 self._publish()
+                with self._pending_lock:  # the snapshot counts them now
+                    n, tokens = self._pending
+                    self._pending = (n - len(jobs), tokens - sum(len(j.prompt_token_ids) for j in jobs))
             if self.engine.has_schedulable_requests():
                 try:
                     if not self._step():

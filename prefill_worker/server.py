@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 
 class PrefillServicer(pb_grpc.PrefillWorkerServicer):
     def __init__(
-        self, loop: PrefillLoop, *, worker_id: str, agent_name: str, metadata: bytes, compat_key: str
+        self, loop: PrefillLoop, *, worker_id: str, agent_name: str, metadata: bytes, compat_key: str,
+        max_queued_requests: int = 0, max_queued_prompt_tokens: int = 0,
     ) -> None:
         self.loop = loop
+        self.max_queued_requests = max_queued_requests  # this worker's own admission limits (0: none)
+        self.max_queued_prompt_tokens = max_queued_prompt_tokens
         self.worker_id = worker_id
         self.agent_name = agent_name
         self.metadata = metadata
@@ -59,7 +62,9 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if context.time_remaining() is not None and context.time_remaining() <= 0:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "decode gave up on this call; not queued")
-        self.loop.submit(job)
+        full = self.loop.try_submit(job, self.max_queued_requests, self.max_queued_prompt_tokens)
+        if full:  # decode passes RESOURCE_EXHAUSTED on; the router tries another worker or answers 429
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"prefill worker {self.worker_id} is full: {full}")
         queued = self.loop.snapshot().queued_prefill_tokens + len(job.prompt_token_ids)
         return pb.RemotePrefillReply(accepted=True, queued_tokens=queued, agent_name=self.agent_name)
 
@@ -113,7 +118,8 @@ def start_prefill_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     renewer = LeaseRenewer(lambda: loop.snapshot().leased, loop.abort, token)
     servicer = PrefillServicer(
         loop, worker_id=worker_id, agent_name=worker_id, metadata=metadata,
-        compat_key=compat_text(spec, engine.layout),
+        compat_key=compat_text(spec, engine.layout), max_queued_requests=spec.max_queued_requests,
+        max_queued_prompt_tokens=spec.max_queued_prompt_tokens,
     )
     pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
     loop.start()

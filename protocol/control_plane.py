@@ -10,11 +10,16 @@ keep an exact prefix index. The stream is capped (approximately) at ``stream_max
 a router that starts after older entries were trimmed only under-reports cache hits.
 
 Everything stored is msgpack (see `protocol.registry`): a value read from Redis is never
-unpickled.
+unpickled. With the cluster ``token`` every record and KV event batch is sealed with an
+HMAC of it (`protocol.registry.seal`), and one without a valid MAC is ignored (logged once
+per key): a process that can write to Redis but does not hold the token cannot add a worker,
+fake a load or poison the prefix index.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 from collections.abc import Iterable, Sequence
 
 import redis
@@ -27,8 +32,13 @@ from protocol.registry import (
     PoolName,
     WorkerInfo,
     pack,
+    record_mac,
+    seal,
     unpack,
+    unseal,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _check_pool(pool: str) -> None:
@@ -46,6 +56,7 @@ class ControlPlane:
         namespace: str = "splitserve",
         ttl_s: float = 10.0,
         stream_maxlen: int = 1_000_000,
+        token: str = "",
     ) -> None:
         if ttl_s <= 0:
             raise ValueError(f"ttl_s: must be positive, got {ttl_s}")
@@ -53,13 +64,18 @@ class ControlPlane:
         self.ns = namespace
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.stream_maxlen = stream_maxlen
+        self._token = token  # "" : records are neither sealed nor checked (development set-up)
+        self._warned: set[str] = set()
 
     @classmethod
     def from_url(
-        cls, url: str, *, namespace: str = "splitserve", ttl_s: float = 10.0, stream_maxlen: int = 1_000_000
+        cls, url: str, *, namespace: str = "splitserve", ttl_s: float = 10.0, stream_maxlen: int = 1_000_000,
+        token: str = "", **client_kw: object,
     ) -> ControlPlane:
-        client = redis.Redis.from_url(url, decode_responses=False)
-        return cls(client, namespace=namespace, ttl_s=ttl_s, stream_maxlen=stream_maxlen)
+        """``url`` may carry a password (redis://:pw@host) and use TLS (rediss://);
+        ``client_kw`` go to `redis.Redis.from_url` (timeouts, ``password``, ``ssl_ca_certs``)."""
+        client = redis.Redis.from_url(url, decode_responses=False, **client_kw)  # type: ignore[arg-type]
+        return cls(client, namespace=namespace, ttl_s=ttl_s, stream_maxlen=stream_maxlen, token=token)
 
     def close(self) -> None:
         self.client.close()
@@ -81,6 +97,19 @@ class ControlPlane:
     def _stream_key(self) -> str:
         return f"{self.ns}:kv_events"
 
+    def _seal(self, key: str, payload: bytes) -> bytes:
+        return seal(self._token, key, payload)
+
+    def _open(self, key: str, data: bytes) -> bytes | None:
+        payload = unseal(self._token, key, data)
+        if payload is None:
+            self._refuse(key)
+        return payload
+
+    def _refuse(self, key: str) -> None:
+        if key not in self._warned:  # bounded by what an attacker writes; the log is not
+            self._warned.add(key)
+            log.warning("ignoring %s: not sealed with this cluster's token (written by something outside it?)", key)
     # registry -------------------------------------------------------------------------------
     def register_worker(self, info: WorkerInfo, load: LoadSnapshot | None = None) -> None:
         """Announce (or re-announce after expiry) a worker; it is live for ``ttl_s``."""
@@ -88,10 +117,12 @@ class ControlPlane:
         for pool in POOLS:
             if pool != info.pool:  # a worker id moving pools must not be listed twice
                 pipe.srem(self._pool_key(pool), info.worker_id)
-        pipe.set(self._worker_key(info.worker_id), info.to_wire(), px=self.ttl_ms)
+        key = self._worker_key(info.worker_id)
+        pipe.set(key, self._seal(key, info.to_wire()), px=self.ttl_ms)
         pipe.sadd(self._pool_key(info.pool), info.worker_id)
         load = load or LoadSnapshot(free_blocks=info.num_blocks, total_blocks=info.num_blocks)
-        pipe.set(self._load_key(info.worker_id), load.to_wire(), px=self.ttl_ms)
+        key = self._load_key(info.worker_id)
+        pipe.set(key, self._seal(key, load.to_wire()), px=self.ttl_ms)
         pipe.execute()
 
     def heartbeat(self, worker_id: str, load: LoadSnapshot) -> bool:
@@ -103,7 +134,8 @@ class ControlPlane:
         """
         pipe = self.client.pipeline(transaction=True)
         pipe.pexpire(self._worker_key(worker_id), self.ttl_ms)
-        pipe.set(self._load_key(worker_id), load.to_wire(), px=self.ttl_ms)
+        key = self._load_key(worker_id)
+        pipe.set(key, self._seal(key, load.to_wire()), px=self.ttl_ms)
         alive, _ = pipe.execute()
         if not alive:
             self.client.delete(self._load_key(worker_id))
@@ -138,11 +170,18 @@ class ControlPlane:
             if raw_info is None:
                 dead.append(wid)
                 continue
+            info_bytes = self._open(self._worker_key(wid), raw_info)
+            if info_bytes is None:
+                continue  # not written by a member of this cluster: never routed to, never sent the token
+            load_bytes = self._open(self._load_key(wid), raw_load) if raw_load is not None else None
             try:
-                info = WorkerInfo.from_wire(raw_info)
-                load = LoadSnapshot.from_wire(raw_load) if raw_load is not None else None
+                info = WorkerInfo.from_wire(info_bytes)
+                load = LoadSnapshot.from_wire(load_bytes) if load_bytes is not None else None
             except (TypeError, ValueError, KeyError):
                 continue  # a record from an incompatible or buggy peer is not a live worker
+            if info.worker_id != wid:
+                self._refuse(self._worker_key(wid))
+                continue
             if pool is not None and info.pool != pool:
                 continue
             live.append((info, load))
@@ -155,9 +194,11 @@ class ControlPlane:
         return [info for info, _ in self.live_workers(pool)]
 
     def get_load(self, worker_id: str) -> LoadSnapshot | None:
-        raw = self.client.get(self._load_key(worker_id))
+        key = self._load_key(worker_id)
+        raw = self.client.get(key)
+        payload = self._open(key, raw) if raw is not None else None
         try:
-            return LoadSnapshot.from_wire(raw) if raw is not None else None
+            return LoadSnapshot.from_wire(payload) if payload is not None else None
         except (TypeError, ValueError, KeyError):
             return None
 
@@ -174,9 +215,12 @@ class ControlPlane:
         if not events:
             return None
         payload = pack([e.to_obj() for e in events])
+        fields = {b"w": worker_id.encode(), b"e": payload}
+        if self._token:
+            fields[b"m"] = record_mac(self._token, self._event_context(worker_id), payload)
         entry_id = self.client.xadd(
             self._stream_key,
-            {b"w": worker_id.encode(), b"e": payload},
+            fields,  # type: ignore[arg-type]
             maxlen=self.stream_maxlen,
             approximate=True,
         )
@@ -203,22 +247,40 @@ class ControlPlane:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
                 last_id = eid
                 try:
-                    events = tuple(KVEvent.from_obj(o) for o in unpack(fields[b"e"]))
                     worker_id = fields[b"w"].decode()
+                    if not self._event_authentic(worker_id, fields):
+                        continue
+                    events = tuple(KVEvent.from_obj(o) for o in unpack(fields[b"e"]))
                 except (KeyError, ValueError, TypeError):
                     continue  # a malformed entry from a buggy peer must not stall the tail
                 batches.append(KVEventBatch(eid, worker_id, events))
         return last_id, batches
+
+    def _event_context(self, worker_id: str) -> str:
+        return f"{self._stream_key}:{worker_id}"
+
+    def _event_authentic(self, worker_id: str, fields: dict[bytes, bytes]) -> bool:
+        if not self._token:
+            return True
+        mac = fields.get(b"m", b"")
+        want = record_mac(self._token, self._event_context(worker_id), fields[b"e"])
+        if isinstance(mac, bytes) and hmac.compare_digest(mac, want):
+            return True
+        self._refuse(self._event_context(worker_id))
+        return False
 
     # pool targets (for a future autoscaler) ----------------------------------------------------
     def set_pool_target(self, pool: PoolName, replicas: int) -> None:
         _check_pool(pool)
         if replicas < 0:
             raise ValueError(f"replicas: must be >= 0, got {replicas}")
-        self.client.set(self._target_key(pool), pack(replicas))
+        key = self._target_key(pool)
+        self.client.set(key, self._seal(key, pack(replicas)))
 
     def get_pool_target(self, pool: PoolName) -> int | None:
         _check_pool(pool)
-        raw = self.client.get(self._target_key(pool))
-        return int(unpack(raw)) if raw is not None else None
+        key = self._target_key(pool)
+        raw = self.client.get(key)
+        payload = self._open(key, raw) if raw is not None else None
+        return int(unpack(payload)) if payload is not None else None
 

@@ -17,7 +17,7 @@ import grpc
 
 from engine.errors import InvalidRequestError, SplitserveError
 from engine.sampling_params import SamplingParams
-from protocol.grpc_auth import CHANNEL_OPTIONS, token_channel, token_metadata
+from protocol.grpc_auth import GrpcTls, open_aio_channel, token_channel, token_metadata
 from protocol.proto import worker_pb2 as pb
 from protocol.proto import worker_pb2_grpc as pb_grpc
 from protocol.stream import PrefillTarget, TokenChunk
@@ -77,9 +77,9 @@ class GenerateStream:
 
 
 class DecodeClient:
-    def __init__(self, address: str, token: str = "") -> None:
+    def __init__(self, address: str, token: str = "", tls: GrpcTls | None = None) -> None:
         self.address = address
-        self._channel = token_channel(address, token)
+        self._channel = token_channel(address, token, tls)
         self._stub = pb_grpc.DecodeWorkerStub(self._channel)
 
     def generate(
@@ -118,10 +118,10 @@ class AsyncDecodeClient:
     a grpc.aio channel belongs to one loop). The router keeps one per decode address for its
     lifetime; the channel reconnects by itself, so a worker restarted on the address just works."""
 
-    def __init__(self, address: str, token: str = "") -> None:
+    def __init__(self, address: str, token: str = "", tls: GrpcTls | None = None) -> None:
         self.address = address
         self._md = token_metadata(token)
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_aio_channel(address, tls)
         self._stub = pb_grpc.DecodeWorkerStub(self._channel)
 
     async def generate(

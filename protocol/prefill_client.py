@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from protocol.grpc_auth import token_channel
+from protocol.grpc_auth import GrpcTls, token_channel
 from protocol.proto import worker_pb2 as pb
 from protocol.proto import worker_pb2_grpc as pb_grpc
 
 
 class PrefillClient:
-    def __init__(self, address: str, token: str = "") -> None:
+    def __init__(self, address: str, token: str = "", tls: GrpcTls | None = None) -> None:
         self.address = address
-        self._channel = token_channel(address, token)
+        self._channel = token_channel(address, token, tls)
         self._stub = pb_grpc.PrefillWorkerStub(self._channel)
 
     def remote_prefill(

@@ -3,10 +3,19 @@
 They cross process (and machine) boundaries, so each has an explicit `to_wire`/`from_wire`
 pair over plain msgpack-able values: nothing here is ever pickled, and a peer can only hand
 us ints, floats, strings, bytes, lists and maps.
+
+Anyone who can write to Redis could otherwise register a worker at an address of their
+choosing and collect the cluster token the router sends with every call. So a cluster with a
+token `seal`s every record: HMAC-SHA256, keyed with the token, over the key the record is
+stored under and its exact bytes (the key binds it: a load record cannot pass for a worker
+record, nor one worker's record for another's). `unseal` gives the bytes back only when the
+MAC verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -18,6 +27,34 @@ POOLS: tuple[PoolName, ...] = ("prefill", "decode")
 
 BlockHash = int | bytes
 """A prefix block hash as published by the engine (chained: it identifies the whole prefix)."""
+
+
+SEAL_MARK = b"\xc1"
+"""0xc1 is never used by msgpack, so a sealed value cannot be mistaken for a bare record."""
+_MAC_LEN = hashlib.sha256().digest_size
+
+
+def record_mac(token: str, key: str, payload: bytes) -> bytes:
+    return hmac.new(token.encode(), key.encode() + b"\0" + payload, hashlib.sha256).digest()
+
+
+def seal(token: str, key: str, payload: bytes) -> bytes:
+    """``payload`` as stored under ``key``: MAC'd when there is a token, bare when there is none."""
+    if not token:
+        return payload
+    return SEAL_MARK + record_mac(token, key, payload) + payload
+
+
+def unseal(token: str, key: str, data: bytes) -> bytes | None:
+    """The payload of a value read from ``key``; None when a token is set and the MAC is missing
+    or wrong. Without a token (a development set-up) nothing can be checked: any record passes."""
+    sealed = data[:1] == SEAL_MARK and len(data) > _MAC_LEN
+    if not token:
+        return data[1 + _MAC_LEN :] if sealed else data
+    if not sealed:
+        return None
+    mac, payload = data[1 : 1 + _MAC_LEN], data[1 + _MAC_LEN :]
+    return payload if hmac.compare_digest(mac, record_mac(token, key, payload)) else None
 
 
 def pack(obj: Any) -> bytes:

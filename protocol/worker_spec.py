@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
+from protocol.grpc_auth import GrpcTls
 
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 Role = Literal["prefill", "decode"]
@@ -48,6 +49,12 @@ class WorkerSpec:
     request_timeout_s: float = 0.0  # decode: default per-request deadline, 0 = none
     transfer_timeout_s: float = 10.0  # prefill: how long one step's KV writes may take
     grpc_workers: int = 256  # decode: one thread per open Generate stream
+    max_queued_requests: int = 0  # prefill: its own admission limit (RESOURCE_EXHAUSTED past it), 0 = none
+    max_queued_prompt_tokens: int = 0  # prefill: likewise for prompt tokens not yet computed, 0 = none
+    # gRPC TLS (PEM paths): serve with cert+key, verify peers with the CA; all empty: plain gRPC
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
     num_threads: int = 0  # torch intra-op threads, 0 = torch's default
     random_weights: bool = False
     seed: int = 0
@@ -68,13 +75,24 @@ class WorkerSpec:
         for name in ("lease_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:
                 raise WorkerSpecError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("max_queued_requests", "max_queued_prompt_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise WorkerSpecError(f"{name}: must be an integer >= 0 (0: no limit), got {getattr(self, name)!r}")
         if self.request_timeout_s < 0:
             raise WorkerSpecError(f"request_timeout_s: must be >= 0, got {self.request_timeout_s}")
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(tls) and not all(tls):
+            raise WorkerSpecError("tls_cert_file, tls_key_file, tls_ca_file: give all three or none")
         try:
             parse_dtype(self.dtype)
             self.parallel_config()
         except ValueError as e:
             raise WorkerSpecError(str(e)) from None
+
+    def grpc_tls(self) -> GrpcTls | None:
+        if not self.tls_cert_file:
+            return None
+        return GrpcTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
     def parallel_config(self) -> ParallelConfig:
         return ParallelConfig(tp_size=self.tp_size, pp_size=self.pp_size, tp_rank=self.tp_rank, pp_rank=self.pp_rank)

@@ -29,6 +29,7 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from protocol.control_plane import ControlPlane
 from router import protocol as P
+from router.admission import Admission, AdmissionGate, AdmissionLimits, Ticket, charge_for
 from router.backend import GenerationBackend, TokenDelta, Tokenizer
 from router.dispatch import ClusterView, Dispatcher, RoutedPrompt, deadline_after
 from router.errors import (
@@ -70,6 +71,7 @@ class RouterState:
     metrics: RouterMetrics
     created: int
     request_log: RequestLog = field(default_factory=lambda: RequestLog(enabled=False))
+    admission: Admission = field(default_factory=lambda: Admission(AdmissionLimits()))
 
 
 class _CountStatus:
@@ -104,7 +106,7 @@ def create_app(
     policy = make_policy(settings.policy, settings.routing)
     dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=settings.max_retries)
     state = RouterState(settings, backend, cluster, dispatcher, metrics, int(time.time()),
-                        RequestLog(enabled=settings.log_requests))
+                        RequestLog(enabled=settings.log_requests), Admission(settings.admission))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -125,6 +127,7 @@ def create_app(
     app.state.router = state
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionGate, admission=state.admission, paths=("/v1/chat/completions", "/v1/completions"))
     app.add_middleware(_CountStatus, metrics=metrics)
     app.add_middleware(JsonBodyWithoutContentType)
     keys = [k.encode() for k in settings.api_keys]
@@ -291,7 +294,13 @@ async def _serve(
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
     request_id = renderer.response_id
     deadline = deadline_after(state.settings.request_timeout_s)
-    streams = [state.dispatcher.stream(j.routed, f"{request_id}-{j.index}", j.params, deadline) for j in jobs]
+    # 429 here, before any worker is contacted
+    state.admission.arrived(request.scope.setdefault("state", {}))
+    ticket = state.admission.admit([charge_for(j.routed.decision, len(j.routed.prompt_token_ids)) for j in jobs])
+    streams = [
+        ticket.meter(j.index, state.dispatcher.stream(j.routed, f"{request_id}-{j.index}", j.params, deadline))
+        for j in jobs
+    ]
     merged = merge_choices(streams, request, deadline)
     prompt_tokens = sum(len(p) for p in prompts)
     state.metrics.running.inc()
@@ -302,6 +311,7 @@ async def _serve(
         first = None
     except BaseException as e:
         state.metrics.running.dec()
+        ticket.release()
         await merged.aclose()
         entry.end(e)
         raise
@@ -316,12 +326,13 @@ async def _serve(
             entry.error = e
             raise
         finally:
+            ticket.release()
             await merged.aclose()
             tracker.finish()
             state.metrics.running.dec()
             entry.end()
         return JSONResponse(renderer.response(tracker))
-    closer = _Closer(merged, tracker, state.metrics, entry)
+    closer = _Closer(merged, tracker, state.metrics, entry, ticket)
     return _SSEResponse(_sse(renderer, tracker, first, merged, body.include_usage, closer), closer)
 
 
@@ -330,15 +341,18 @@ class _Closer:
     never got to iterate it (client gone before the headers), by the response itself."""
 
     def __init__(
-        self, merged: AsyncIterator[Any], tracker: Tracker, metrics: RouterMetrics, entry: RequestEntry
+        self, merged: AsyncIterator[Any], tracker: Tracker, metrics: RouterMetrics, entry: RequestEntry,
+        ticket: Ticket,
     ) -> None:
         self.merged, self.tracker, self.metrics, self.entry = merged, tracker, metrics, entry
+        self.ticket = ticket
         self.done = False
 
     async def __call__(self) -> None:
         if self.done:
             return
         self.done = True
+        self.ticket.release()
         try:
             await self.merged.aclose()  # type: ignore[attr-defined]
         finally:

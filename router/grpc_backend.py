@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from protocol.decode_client import AsyncDecodeClient, DecodeRequestError
+from protocol.grpc_auth import GrpcTls
 from protocol.registry import WorkerInfo
 from protocol.stream import PrefillTarget, TokenChunk
 from router.backend import GenerateRequest, GenerationBackend, TokenDelta, Tokenizer
@@ -52,9 +53,10 @@ class GrpcBackend(GenerationBackend):
 
     def __init__(
         self, tokenizer: Tokenizer, token: str = "", lookup: WorkerLookup | None = None,
-        rpc_slack_s: float = 5.0,
+        rpc_slack_s: float = 5.0, tls: GrpcTls | None = None,
     ) -> None:
         self._tokenizer = tokenizer
+        self._tls = tls  # verify decode workers against its CA (None: plain gRPC)
         self._token = token
         self._lookup = lookup
         self._rpc_slack_s = rpc_slack_s  # the worker's own deadline fires first; the RPC's is a backstop
@@ -77,7 +79,7 @@ class GrpcBackend(GenerationBackend):
         # created lazily, on the event loop that uses it (grpc.aio channels belong to one loop)
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = AsyncDecodeClient(address, self._token)
+            client = self._clients[address] = AsyncDecodeClient(address, self._token, self._tls)
         return client
 
     def _resolve(self, worker_id: str | None) -> WorkerInfo | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.admission import AdmissionLimits
 from router.policy import POLICIES, PolicySettings
 
 
@@ -30,6 +31,8 @@ class RouterSettings:
     log_requests: bool = True  # one console line per finished request (`splitserve serve --quiet`: off)
     max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413 before they are parsed
     max_choices_per_request: int = 256  # prompts x n of one request (each is a backend stream)
+    # the router's own count of admitted work (router.admission); beyond it: 429 at once
+    admission: AdmissionLimits = field(default_factory=AdmissionLimits)
 
     def __post_init__(self) -> None:
         # lists from a caller are stored as tuples, so the settings stay hashable and frozen

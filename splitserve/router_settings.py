@@ -10,6 +10,7 @@ before anything starts, with the same field-naming `ConfigError` as every other 
 from __future__ import annotations
 
 from cluster.config import ClusterConfig, ConfigError
+from router.admission import AdmissionLimits
 from router.policy import PolicySettings
 from router.settings import RouterSettings, RouterSettingsError
 
@@ -37,6 +38,9 @@ def router_settings(config: ClusterConfig) -> RouterSettings:
             log_requests=r.log_requests,
             max_body_bytes=r.max_body_bytes,
             max_choices_per_request=r.max_choices_per_request,
+            admission=AdmissionLimits(
+                max_in_flight_requests=r.max_in_flight_requests, max_queued_prompt_tokens=r.max_queued_prompt_tokens
+            ),
         )
     except RouterSettingsError as e:
         raise ConfigError(f"router.{e}") from None

@@ -35,6 +35,7 @@ from cluster.launcher import Launcher, StartCancelled, WorkerGroupHandle, Worker
 from cluster.local_launcher import LocalProcessLauncher
 from engine.errors import SplitserveError
 from protocol.control_plane import ControlPlane
+from protocol.grpc_auth import GrpcTls
 from protocol.worker_spec import WorkerSpec
 from router.settings import RouterSettings
 from splitserve.errors import ClusterStartError, StartupInterrupted
@@ -71,10 +72,16 @@ def worker_specs(
         max_num_batched_tokens=config.prefill.chunk_size, transport=config.kvtransfer.backend,
         transfer_timeout_s=config.kvtransfer.transfer_timeout_s, num_threads=threads,
         random_weights=config.random_weights, seed=config.seed, exact_attention=config.exact_attention,
+        tls_cert_file=config.tls.cert_file, tls_key_file=config.tls.key_file, tls_ca_file=config.tls.ca_file,
     )
     seqs = config.decode.max_num_seqs
+    own: dict[str, dict[str, Any]] = {
+        "prefill": dict(max_queued_requests=config.prefill.max_queued_requests,
+                        max_queued_prompt_tokens=config.prefill.max_queued_prompt_tokens),
+        "decode": {},
+    }
     specs = [
-        WorkerSpec(role=role, worker_id=f"{role}-{i}", max_num_seqs=seqs, **common)
+        WorkerSpec(role=role, worker_id=f"{role}-{i}", max_num_seqs=seqs, **common, **own[role])
         for role, n in (("prefill", config.prefill.replicas), ("decode", config.decode.replicas))
         for i in range(n)
     ]
@@ -89,14 +96,15 @@ def worker_groups(
 
 
 def create_router_app(settings: RouterSettings, model: str, token: str, redis_url: str,
-                      ttl_s: float) -> tuple[FastAPI, ControlPlane]:
-    """The router's app and the control-plane client it reads (closed when the server stops)."""
+                      ttl_s: float, tls: GrpcTls | None = None) -> tuple[FastAPI, ControlPlane]:
+    """The router's app and the control-plane client it reads (closed when the server stops);
+    ``tls``: the workers serve TLS, verified against its CA."""
     from engine.tokenizer import load_tokenizer
     from router.app import create_app
     from router.grpc_backend import GrpcBackend
 
-    backend = GrpcBackend(load_tokenizer(model), token)
-    router_cp = ControlPlane.from_url(redis_url, ttl_s=ttl_s)
+    backend = GrpcBackend(load_tokenizer(model), token, tls=tls)
+    router_cp = ControlPlane.from_url(redis_url, ttl_s=ttl_s, token=token)
     app = create_app(settings, backend, router_cp)
     view = app.state.router.cluster
     backend.set_lookup(lambda wid: next((w.info for w in view.workers() if w.worker_id == wid), None))
@@ -189,7 +197,7 @@ class LocalCluster:
     def _start(self, cancelled: Callable[[], bool]) -> None:
         model = self.model_path()
         groups = worker_groups(self.config, model, self.worker_overrides)
-        self.redis = RedisService.start(self.config.redis, self.registry_ttl_s)
+        self.redis = RedisService.start(self.config.redis, self.registry_ttl_s, self.token)
         self.launcher = self._make_launcher(self.token, {
             REDIS_URL_ENV: self.redis.url, REGISTRY_TTL_ENV: str(self.registry_ttl_s),
             PARENT_PID_ENV: str(os.getpid()),
@@ -201,7 +209,9 @@ class LocalCluster:
         self.workers = self.launcher.start(groups)
         self._wait_ready(cancelled)
         self._wait_registered(cancelled)
-        app, router_cp = create_router_app(self.router_settings, model, self.token, self.redis.url, self.registry_ttl_s)
+        tls = GrpcTls(c.tls.ca_file, c.tls.cert_file, c.tls.key_file) if c.tls.enabled else None
+        app, router_cp = create_router_app(self.router_settings, model, self.token, self.redis.url,
+                                           self.registry_ttl_s, tls)
         self.router = RouterServer(app, self.router_host, self.router_port, on_exit=router_cp.close)
         self.router.start()
         self.router_port = self.router.port

@@ -6,6 +6,13 @@ worker's `WorkerInfo`, heartbeats a `LoadSnapshot` (the record expires ``ttl_s``
 beat, so a killed worker drops out within seconds), and relays the `BlockManager`'s KV events
 to the Redis stream the router tails.
 
+Liveness must not depend on anything else the worker does: on a busy machine (issue 15: the
+CPU shared with other work) a worker that serves fine but relays a large event batch slowly
+must not expire. So the lease is renewed by a thread of its own (``worker-heartbeat``) that
+does nothing else, on its own Redis connection from the pool, every ``heartbeat_s``; the
+registry TTL must be at least `MIN_TTL_BEATS` of those intervals, so several beats in a row
+can be late or lost before the router declares the worker dead.
+
 Thread safety: the `BlockManager` belongs to the engine thread. The engine thread hands its
 drained events to a `KVEventRelay` (a locked list swap, nothing else is shared), and reads of
 the load come from the immutable snapshot the worker loops already publish for ``Status``.
@@ -30,6 +37,7 @@ import redis
 
 from protocol.control_plane import ControlPlane
 from protocol.registry import KVEvent, LoadSnapshot, WorkerInfo
+from protocol.worker_spec import TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,8 @@ PARENT_PID_ENV = "SPLITSERVE_PARENT_PID"
 """The launcher's pid: a worker whose launcher died (even by SIGKILL) stops itself."""
 
 DEFAULT_TTL_S = 3.0
+MIN_TTL_BEATS = 3
+"""The registry TTL spans at least this many heartbeat intervals (`WorkerAgent` refuses less)."""
 
 
 class _EngineEvent(Protocol):
@@ -111,6 +121,10 @@ class WorkerAgent:
     ) -> None:
         if heartbeat_s <= 0 or tick_s <= 0:
             raise ValueError("heartbeat_s and tick_s: must be > 0")
+        ttl_s = control_plane.ttl_ms / 1000
+        if ttl_s < MIN_TTL_BEATS * heartbeat_s:
+            raise ValueError(f"heartbeat_s: must be at most 1/{MIN_TTL_BEATS} of the registry TTL "
+                             f"({ttl_s:g}s), got {heartbeat_s:g}s")
         self.control_plane = control_plane
         self.info = info
         self._load = load
@@ -127,6 +141,8 @@ class WorkerAgent:
         self._last_error = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-agent", daemon=True)
+        self._beat_thread = threading.Thread(target=self._beat_loop, name="worker-heartbeat", daemon=True)
+        self.beats = 0  # successful lease renewals by the heartbeat thread (tests read it)
 
     @property
     def worker_id(self) -> str:
@@ -134,13 +150,15 @@ class WorkerAgent:
 
     def start(self) -> WorkerAgent:
         self._thread.start()
+        self._beat_thread.start()
         return self
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating and (by default) leave the registry at once instead of after the TTL."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(5.0)
+        for t in (self._thread, self._beat_thread):
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(5.0)
         if deregister:
             try:
                 self.control_plane.publish_kv_events(self.worker_id, [KVEvent("cleared")])
@@ -168,9 +186,29 @@ class WorkerAgent:
                 return
             self._stop.wait(self.tick_s)
 
+    def _beat_loop(self) -> None:
+        """The heartbeat thread: renew the lease every ``heartbeat_s``, whatever the agent thread
+        is doing. Registering (and resyncing the cache mirror) stays with the agent thread: a
+        lapsed lease only marks the agent unsynced."""
+        last_error = 0.0
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._synced:
+                continue
+            try:
+                if self.control_plane.heartbeat(self.worker_id, self._load()):
+                    self.beats += 1
+                else:
+                    self._synced = False
+            except Exception as e:
+                now = time.monotonic()
+                if now - last_error > 5.0:
+                    last_error = now
+                    log.warning("worker %s: heartbeat failed: %s", self.worker_id, e)
+
     def tick(self, now: float) -> None:
         """One round: relay new events (every tick: the router's prefix index should lag by
-        milliseconds), then beat when due, or sooner when the load changed."""
+        milliseconds), then beat when due, or sooner when the load changed (the heartbeat
+        thread beats on its own as well: liveness never waits for this thread)."""
         cp = self.control_plane
         events = list(self._drain())
         self._mirror(events)
@@ -245,7 +283,7 @@ def attach_worker_agent(
     parent = int(env[PARENT_PID_ENV]) if env.get(PARENT_PID_ENV) else None
     # bounded socket waits: an unreachable Redis must never hold up the worker's shutdown
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
-    cp = ControlPlane(client, ttl_s=ttl_s)
+    cp = ControlPlane(client, ttl_s=ttl_s, token=env.get(TOKEN_ENV, ""))  # records sealed with the token
     info = WorkerInfo(
         worker_id=worker.worker_id,
         pool=pool,  # type: ignore[arg-type]
@@ -257,7 +295,7 @@ def attach_worker_agent(
         transport={"agent_name": worker.agent_name, **(transport or {})},
     )
     agent = WorkerAgent(
-        cp, info, load, kv_events.drain, heartbeat_s=min(0.5, ttl_s / 4),
+        cp, info, load, kv_events.drain, heartbeat_s=min(0.5, ttl_s / (2 * MIN_TTL_BEATS)),
         parent_pid=parent, on_parent_death=lambda: os.kill(os.getpid(), signal.SIGTERM),
     )
     agent.start()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from protocol.grpc_auth import set_process_tls
 from protocol.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
 from worker_runtime.runtime import RunningWorker
 
@@ -46,6 +47,7 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    set_process_tls(spec.grpc_tls())  # its clients (prefill peers, lease renewals) verify with the CA
     t0 = time.monotonic()
     log.info("starting %s worker: loading %s (%s on %s)", spec.role, spec.model, spec.dtype, spec.device)
     worker = starter(spec, token)

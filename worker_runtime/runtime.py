@@ -59,7 +59,9 @@ def bind_server(spec: WorkerSpec, token: str, max_workers: int) -> tuple[grpc.Se
         interceptors=[TokenInterceptor(token)],
         options=CHANNEL_OPTIONS,
     )
-    port = server.add_insecure_port(f"{spec.host}:{spec.port}")
+    tls = spec.grpc_tls()
+    where = f"{spec.host}:{spec.port}"
+    port = server.add_secure_port(where, tls.server_credentials()) if tls else server.add_insecure_port(where)
     if port == 0:
         raise OSError(f"could not bind {spec.host}:{spec.port}")
     return server, f"{spec.host}:{port}"

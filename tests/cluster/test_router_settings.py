@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import ConfigError, config_from_dict, load_config
+from router.admission import AdmissionLimits
 from router.policy import PolicySettings
 from router.settings import RouterSettings
 from splitserve.router_settings import router_settings
@@ -25,13 +26,15 @@ def test_every_router_field_is_carried() -> None:
         "router": {
             "policy": "round_robin", "disagg_threshold": 100, "prefill_queue_limit": 5000,
             "max_queued_requests": 9, "max_retries": 4, "request_timeout_s": 12.5, "api_keys": ["a", "b"],
-            "max_body_bytes": 65536, "max_choices_per_request": 32,
+            "max_body_bytes": 65536, "max_choices_per_request": 32, "max_in_flight_requests": 40,
+            "max_queued_prompt_tokens": 7000,
         },
     })
     assert router_settings(config) == RouterSettings(
         model_name="llama", model_aliases=("/models/Llama-3",), max_model_len=4096, policy="round_robin",
         routing=PolicySettings(block_size=32, disagg_threshold=100, prefill_queue_limit=5000, max_queued_requests=9),
         max_retries=4, request_timeout_s=12.5, api_keys=("a", "b"), max_body_bytes=65536, max_choices_per_request=32,
+        admission=AdmissionLimits(max_in_flight_requests=40, max_queued_prompt_tokens=7000),
     )
 
 

@@ -4,6 +4,7 @@ event relay, recovery after a lapsed lease or a Redis outage, deregistration, pa
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -135,7 +136,7 @@ def test_survives_a_redis_outage_and_resynchronizes() -> None:
         relay.push([EngineEvent("stored", (5, 6), None)])  # relayed while Redis is down: not lost
         time.sleep(0.3)
         assert agent._thread.is_alive()
-        second = EmbeddedRedis(port=port).start()  # an empty store, as after a restart
+        second = EmbeddedRedis(port=port, password=first.password).start()  # an empty store, as after a restart
         assert _wait(lambda: [w.worker_id for w in plane.list_workers()] == ["p0"], timeout=10)
         assert _wait(lambda: any(e.kind == "stored" and set(e.block_hashes) == {5, 6}
                                  for e in _events(plane, "p0")))
@@ -196,3 +197,56 @@ def test_load_from_snapshot() -> None:
     load = load_from_snapshot(Snap())
     assert (load.total_blocks, load.free_blocks, load.running_requests, load.queued_requests,
             load.queued_prefill_tokens) == (10, 4, 2, 3, 99)
+
+
+def test_heartbeat_interval_must_fit_the_ttl_several_times(cp: ControlPlane) -> None:
+    with pytest.raises(ValueError, match=r"^heartbeat_s: must be at most 1/3 of the registry TTL \(1s\), got 0.5s"):
+        WorkerAgent(cp, _info(), Load(), KVEventRelay().drain, heartbeat_s=0.5)
+    WorkerAgent(cp, _info(), Load(), KVEventRelay().drain, heartbeat_s=1 / 3)
+
+
+def test_stays_registered_while_the_relay_is_stuck_and_the_cpu_is_hogged(server: EmbeddedRedis) -> None:
+    """The relay blocked for 3 TTLs (a huge event batch on a slow Redis) while a pure-Python
+    thread hogs the interpreter in 50 ms slices (ten times Python's default: an engine loop
+    that rarely lets go of the GIL): the heartbeat thread still renews the 2 s lease, so the
+    worker never expires. (Before it had a thread of its own, a stuck relay stopped the beats.)"""
+    cp = ControlPlane.from_url(server.url, namespace="t-hog", ttl_s=2.0)
+    stuck, release = threading.Event(), threading.Event()
+    relay = KVEventRelay()
+
+    def drain() -> list[KVEvent]:
+        if agent._synced and not release.is_set():
+            stuck.set()
+            release.wait(6.0)
+        return relay.drain()
+
+    agent = WorkerAgent(cp, _info(), Load(), drain, heartbeat_s=0.4, tick_s=0.01)
+    stop_hog = threading.Event()
+
+    def hog() -> None:
+        while not stop_hog.is_set():
+            sum(i * i for i in range(20_000))
+
+    agent.start()
+    hogger = threading.Thread(target=hog)
+    previous = sys.getswitchinterval()
+    try:
+        assert stuck.wait(5.0)
+        sys.setswitchinterval(0.05)
+        hogger.start()
+        beats, missing = agent.beats, 0
+        deadline = time.monotonic() + 6.0  # three TTLs
+        while time.monotonic() < deadline:
+            if [w.worker_id for w in cp.list_workers()] != ["p0"]:
+                missing += 1
+            time.sleep(0.1)
+        assert missing == 0
+        assert agent.beats >= beats + 5  # beats went on while the agent thread was stuck
+    finally:
+        sys.setswitchinterval(previous)
+        stop_hog.set()
+        release.set()
+        if hogger.is_alive():
+            hogger.join()
+        agent.stop()
+        cp.close()

@@ -18,6 +18,7 @@ import openai
 from cluster.config import ClusterConfig, config_from_dict, load_config
 from cluster.launcher import WorkerGroupHandle
 from protocol.decode_client import DecodeClient
+from protocol.grpc_auth import GrpcTls
 from protocol.prefill_client import PrefillClient
 from protocol.proto import worker_pb2 as pb
 from splitserve.serve import LocalCluster
@@ -55,7 +56,9 @@ def async_client(cluster: LocalCluster, timeout: float = 120.0) -> openai.AsyncO
 
 def status(cluster: LocalCluster, worker: WorkerGroupHandle) -> pb.WorkerStatus:
     cls = DecodeClient if worker.role == "decode" else PrefillClient
-    with cls(worker.address, cluster.token) as c:
+    t = cluster.config.tls
+    tls = GrpcTls(t.ca_file, t.cert_file, t.key_file) if t.enabled else None
+    with cls(worker.address, cluster.token, tls) as c:
         return c.status()
 
 
