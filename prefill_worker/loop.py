@@ -67,7 +67,7 @@ class PrefillLoop:
         self.kv_events = KVEventRelay()
         self._snapshot = PrefillSnapshot()
         # jobs submitted but not yet in a published snapshot: (requests, prompt tokens)
-        self._pending_lock = threading.Lock()
+        self._pending_lock = threading.RLock()  # try_submit holds it around submit
         self._pending = (0, 0)
         self._thread = threading.Thread(target=self._run, name="prefill-loop", daemon=True)
 
@@ -105,8 +105,7 @@ class PrefillLoop:
                 return f"{requests} requests queued (max_queued_requests={max_requests})"
             if max_tokens and tokens and tokens + len(job.prompt_token_ids) > max_tokens:
                 return f"{tokens} prompt tokens queued (max_queued_prompt_tokens={max_tokens})"
-            self._pending = (self._pending[0] + 1, self._pending[1] + len(job.prompt_token_ids))
-        self.inbox.put(job)
+            self.submit(job)
         return ""
 
     def handshake(self, agent: str, metadata: bytes, timeout: float = 60.0) -> str:

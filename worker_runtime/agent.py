@@ -207,8 +207,9 @@ class WorkerAgent:
 
     def tick(self, now: float) -> None:
         """One round: relay new events (every tick: the router's prefix index should lag by
-        milliseconds), then beat when due, or sooner when the load changed (the heartbeat
-        thread beats on its own as well: liveness never waits for this thread)."""
+        milliseconds), then beat when the load changed; the periodic beats are the heartbeat
+        thread's alone (liveness never waits for this thread, and an idle worker beats once per
+        interval, not twice)."""
         cp = self.control_plane
         events = list(self._drain())
         self._mirror(events)
@@ -220,7 +221,7 @@ class WorkerAgent:
             cp.publish_kv_events(self.worker_id, events)
         since = now - self._last_beat
         changed = self._last_load is None or _load_key(load) != _load_key(self._last_load)
-        if since >= self.heartbeat_s or (changed and since >= self.load_interval_s):
+        if changed and since >= self.load_interval_s:  # periodic beats are the beat thread's
             if cp.heartbeat(self.worker_id, load):
                 self._last_beat, self._last_load = now, load
             else:
