@@ -133,6 +133,12 @@ class RouterConfig(_Section):
         description="per pool: admitted prompt tokens not yet prefilled (router-counted); more get 429; 0: no limit",
     )
     max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
+    max_migrations: int = Field(
+        3, ge=0, description="moves of a stream whose decode worker was lost mid-stream (token replay)"
+    )
+    migration_wait_s: float = Field(
+        120.0, ge=0, description="how long such a stream waits for a decode worker (e.g. a restart)"
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
     log_requests: bool = Field(True, description="one console line per finished request (serve --quiet: off)")

@@ -35,6 +35,7 @@ from router.errors import (
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
+    WorkerLostError,
     WorkerUnavailableError,
 )
 
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 _PREFILL_CODES = frozenset(
     {"UNAVAILABLE", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"}
 )
+
+# after the first token, what a dead or departing worker's stream ends with (kill -9: the
+# connection breaks; a graceful stop: "shutting down"); other codes are the request's own failure
+_LOST_CODES = frozenset({"UNAVAILABLE"})
 
 WorkerLookup = Callable[[str], WorkerInfo | None]
 
@@ -126,6 +131,9 @@ class GrpcBackend(GenerationBackend):
                 started = True
                 yield delta
         except DecodeRequestError as e:
+            if started and e.code in _LOST_CODES:  # the worker is gone, not the request: migrate it
+                raise WorkerLostError(decode_id, decode.address, f"decode worker {decode_id}: {e.code}: "
+                                      f"{e.message}") from None
             raise _map_error(e, request, started) from None
         finally:
             await stream.aclose()  # cancels the call unless it finished: the worker aborts and frees

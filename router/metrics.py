@@ -91,6 +91,15 @@ class RouterMetrics:
         self.retries = Counter(
             "splitserve_route_retries", "Re-routes after a worker failed", ["failed_pool"], registry=r
         )
+        self.migrations = Counter(
+            "splitserve_migrations", "Streams moved to another decode worker after theirs was lost mid-stream",
+            ["outcome"], registry=r,
+        )  # outcome: attempted | succeeded | failed
+        for outcome in ("attempted", "succeeded", "failed"):
+            self.migrations.labels(outcome)
+        self.worker_restarts = Counter(
+            "splitserve_worker_restarts", "Processes the supervisor restarted", ["process"], registry=r
+        )  # process: a worker id, or "redis"
         self.cached_prompt_tokens = Counter(
             "splitserve_prefix_cache_hit_tokens",
             "Prompt tokens the chosen decode worker had cached",
