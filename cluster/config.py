@@ -229,6 +229,17 @@ class TlsConfig(_Section):
         return bool(self.cert_file)
 
 
+class SupervisionConfig(_Section):
+    """What the local launcher restarts when it dies (`cluster.supervisor`)."""
+
+    restart_workers: bool = Field(True, description="restart a worker process that died")
+    restart_redis: bool = Field(True, description="restart the embedded redis-server (same port and password)")
+    max_restarts: int = Field(5, ge=0, description="restarts of one process before it is left down")
+    backoff_s: float = Field(
+        1.0, ge=0, le=3600, description="wait before a process's 2nd restart; doubles each time after (max 30 s)"
+    )
+
+
 class ClusterConfig(_Section):
     """A whole deployment. `load_config(None)` gives the embedded CPU default."""
 
@@ -252,6 +263,7 @@ class ClusterConfig(_Section):
     router: RouterConfig = RouterConfig()
     redis: RedisConfig = RedisConfig()
     tls: TlsConfig = TlsConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
     @field_validator("redis", mode="before")
     @classmethod

@@ -166,6 +166,14 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    def restart(self) -> EmbeddedRedis:
+        """Start again after a crash, on the same port with the same password, so every client
+        reconnects by itself (the store starts empty: workers re-register and republish)."""
+        if self.port is None:
+            raise RedisServerError("embedded redis was never started")
+        self.stop()
+        return self.start()
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
