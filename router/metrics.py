@@ -45,13 +45,19 @@ class _WorkerCollector(Collector):
         kv = GaugeMetricFamily(
             "splitserve_worker_kv_usage_ratio", "Fraction of a worker's KV blocks in use", labels=labels
         )
+        integrity = GaugeMetricFamily(
+            "splitserve_worker_kv_pool_integrity_ok",
+            "1 while a worker's last idle KV pool integrity check passed (every block accounted for), else 0",
+            labels=labels,
+        )
         for w in self._workers():
             lv = [w.worker_id, w.info.pool]
             queue.add_metric(lv, w.load.queued_requests)
             queued_tokens.add_metric(lv, w.load.queued_prefill_tokens)
             running.add_metric(lv, w.load.running_requests)
             kv.add_metric(lv, w.load.kv_usage)
-        yield from (queue, queued_tokens, running, kv)
+            integrity.add_metric(lv, 1.0 if w.load.integrity_ok else 0.0)
+        yield from (queue, queued_tokens, running, kv, integrity)
 
 
 class RouterMetrics:

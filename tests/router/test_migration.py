@@ -192,3 +192,22 @@ def test_a_silent_worker_that_leaves_the_registry_is_migrated(monkeypatch: pytes
     assert asyncio.run(asyncio.wait_for(run(), 20)) == [token_at(len(PROMPT), k) for k in range(N_TOKENS)]
     assert backend.requests[0].request_id in backend.closed  # the silent stream was closed
 
+
+
+def test_metrics_show_migrations_restarts_and_pool_integrity() -> None:
+    d, backend, view = _dispatcher({"decode-a": "h:1", "decode-b": "h:2"})
+    first_pick = d.route(PROMPT).decision
+    assert first_pick is not None
+    backend.die_after = {first_pick.decode_worker_id: 2}
+    asyncio.run(_collect(d, SamplingParams(max_tokens=N_TOKENS)))
+    broken = LoadSnapshot(free_blocks=60, total_blocks=64, integrity_ok=False)
+    view.update_workers([(WorkerInfo("decode-a", "decode", "h:1", num_blocks=64, block_size=16), broken),
+                         (WorkerInfo("decode-b", "decode", "h:2", num_blocks=64, block_size=16), None)])
+    d.metrics.worker_restarts.labels("decode-a").inc()
+    text = d.metrics.render()[0].decode()
+    assert 'splitserve_migrations_total{outcome="attempted"} 1.0' in text
+    assert 'splitserve_migrations_total{outcome="succeeded"} 1.0' in text
+    assert 'splitserve_migrations_total{outcome="failed"} 0.0' in text
+    assert 'splitserve_worker_restarts_total{process="decode-a"} 1.0' in text
+    assert 'splitserve_worker_kv_pool_integrity_ok{pool="decode",worker="decode-a"} 0.0' in text
+    assert 'splitserve_worker_kv_pool_integrity_ok{pool="decode",worker="decode-b"} 1.0' in text
