@@ -60,8 +60,8 @@ def test_a_killed_redis_server_comes_back_on_the_same_port_and_password() -> Non
                          on_restart=restarts.append, poll_s=0.05).start()
         try:
             port = server.port
-            assert server._proc is not None
-            os.kill(server._proc.pid, signal.SIGKILL)
+            assert server.pid is not None
+            os.kill(server.pid, signal.SIGKILL)
             assert _wait(lambda: restarts == [REDIS] and server.running, timeout=20)
             assert server.port == port
             assert _wait(lambda: _pings(client), timeout=10)  # the same client, same URL: reconnected
