@@ -98,87 +98,97 @@ def _counter(cluster: LocalCluster, outcome: str) -> float:
     return cluster.app.state.router.metrics.migrations.labels(outcome)._value.get()
 
 
-class TestOneDecodeWorker:
-    @pytest.fixture(scope="class")
-    def cluster(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-        with running_cluster(_config(prefill=0, decode=1), tmp_path_factory.mktemp("logs")) as c:
-            yield c
+@pytest.fixture(scope="class")
+def solo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One decode worker, no prefill pool (class scope: torn down before the next scenario)."""
+    with running_cluster(_config(prefill=0, decode=1), tmp_path_factory.mktemp("logs")) as c:
+        yield c
 
-    def test_kill_9_of_the_only_decode_worker_waits_for_its_restart(self, cluster: LocalCluster) -> None:
-        calm = asyncio.run(_stream_all(cluster))
+
+@pytest.fixture(scope="class")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """One prefill and two decode workers."""
+    with running_cluster(_config(prefill=1, decode=2), tmp_path_factory.mktemp("logs")) as c:
+        yield c
+
+
+class TestOneDecodeWorker:
+
+    def test_kill_9_of_the_only_decode_worker_waits_for_its_restart(self, solo: LocalCluster) -> None:
+        calm = asyncio.run(_stream_all(solo))
         assert all(f == "length" or f == "stop" for _, f in calm)
-        [decode] = cluster.pool("decode")
+        [decode] = solo.pool("decode")
         seen: list[str] = []
 
         async def kill_and_watch_health(progress: Progress) -> None:
-            await _kill_when_streaming(cluster, lambda: decode)(progress)
-            async with httpx.AsyncClient(base_url=cluster.url, timeout=5) as h:
+            await _kill_when_streaming(solo, lambda: decode)(progress)
+            async with httpx.AsyncClient(base_url=solo.url, timeout=5) as h:
                 for _ in range(300):  # until the restarted worker registered
                     seen.append((await h.get("/health")).json()["status"])
                     if seen[-1] == "ok" and "degraded" in seen:
                         return
                     await asyncio.sleep(0.1)
 
-        interrupted = asyncio.run(_stream_all(cluster, kill_and_watch_health))
+        interrupted = asyncio.run(_stream_all(solo, kill_and_watch_health))
         assert "degraded" in seen and seen[-1] == "ok"
         assert interrupted == calm  # same greedy text, no token lost or repeated
-        assert cluster.supervisor is not None and cluster.supervisor.restarts(decode.spec.name) == 1
-        assert _counter(cluster, "succeeded") >= 1 and _counter(cluster, "failed") == 0
-        wait_pools_full(cluster, timeout=60)
+        assert solo.supervisor is not None and solo.supervisor.restarts(decode.spec.name) == 1
+        assert _counter(solo, "succeeded") >= 1 and _counter(solo, "failed") == 0
+        wait_pools_full(solo, timeout=60)
 
 
 class TestTwoDecodeWorkers:
-    @pytest.fixture(scope="class")
-    def cluster(self, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-        with running_cluster(_config(prefill=1, decode=2), tmp_path_factory.mktemp("logs")) as c:
-            yield c
 
-    def test_kill_9_of_a_decode_worker_with_16_streams_in_flight(self, cluster: LocalCluster) -> None:
-        calm = asyncio.run(_stream_all(cluster))
+    def test_kill_9_of_a_decode_worker_with_16_streams_in_flight(self, pair: LocalCluster) -> None:
+        calm = asyncio.run(_stream_all(pair))
 
         def busiest() -> WorkerGroupHandle:
-            return max(cluster.pool("decode"), key=lambda w: status(cluster, w).num_running)
+            return max(pair.pool("decode"), key=lambda w: status(pair, w).num_running)
 
-        interrupted = asyncio.run(_stream_all(cluster, _kill_when_streaming(cluster, busiest)))
+        interrupted = asyncio.run(_stream_all(pair, _kill_when_streaming(pair, busiest)))
         assert interrupted == calm  # 16/16 complete, each with the uninterrupted greedy text
-        assert _counter(cluster, "succeeded") >= 1 and _counter(cluster, "failed") == 0
-        assert wait_for(lambda: _registered(cluster, 3), timeout=300)  # the victim is back too
+        assert _counter(pair, "succeeded") >= 1 and _counter(pair, "failed") == 0
+        assert wait_for(lambda: _registered(pair, 3), timeout=300)  # the victim is back too
 
-    def test_kill_9_of_the_prefill_worker_loses_no_request(self, cluster: LocalCluster) -> None:
+    def test_kill_9_of_the_prefill_worker_loses_no_request(self, pair: LocalCluster) -> None:
         prompts = [f"Request {i}. {LONG} Which facts are about even numbers?" for i in range(6)]
-        api = async_client(cluster, timeout=300)
+        api = async_client(pair, timeout=300)
 
         async def ask_all(kill: bool) -> list[str]:
             tasks = [asyncio.create_task(api.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0))
                      for p in prompts]
             if kill:
-                [prefill] = cluster.pool("prefill")
-                assert await asyncio.to_thread(wait_for, lambda: status(cluster, prefill).num_running
-                                               + status(cluster, prefill).num_waiting > 0, 60, 0.01)
-                await asyncio.to_thread(cluster.launcher.kill, prefill)
+                [prefill] = pair.pool("prefill")
+                def busy() -> bool:
+                    s = status(pair, prefill)
+                    return s.num_running + s.num_waiting > 0
+
+                assert await asyncio.to_thread(wait_for, busy, 60, 0.01)
+                await asyncio.to_thread(pair.launcher.kill, prefill)
             return [a.choices[0].text for a in await asyncio.gather(*tasks)]
 
         async def both() -> tuple[list[str], list[str]]:
             try:
-                return await ask_all(False), await ask_all(True)
+                interrupted = await ask_all(True)  # first: fresh prompts go through the prefill worker
+                return await ask_all(False), interrupted
             finally:
                 await api.close()
 
         calm, interrupted = asyncio.run(both())
         assert interrupted == calm
-        assert wait_for(lambda: _registered(cluster, 3), timeout=300)
-        assert cluster.supervisor is not None and cluster.supervisor.restarts("prefill-0") == 1
+        assert wait_for(lambda: _registered(pair, 3), timeout=300)
+        assert pair.supervisor is not None and pair.supervisor.restarts("prefill-0") == 1
 
-    def test_kill_9_of_redis_server_recovers_within_10_s(self, cluster: LocalCluster) -> None:
-        assert cluster.redis is not None and cluster.redis.server is not None
-        view = cluster.app.state.router.cluster
-        pid = cluster.redis.server.pid
+    def test_kill_9_of_redis_server_recovers_within_10_s(self, pair: LocalCluster) -> None:
+        assert pair.redis is not None and pair.redis.server is not None
+        view = pair.app.state.router.cluster
+        pid = pair.redis.server.pid
         assert pid is not None and wait_for(lambda: len(view.index) > 0, timeout=10)
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        assert wait_for(lambda: cluster.redis.server.pid not in (None, pid), timeout=10)
-        cp = cluster.control_plane
-        ids = {w.worker_id for w in cluster.workers}
+        assert wait_for(lambda: pair.redis.server.pid not in (None, pid), timeout=10)
+        cp = pair.control_plane
+        ids = {w.worker_id for w in pair.workers}
 
         def recovered() -> bool:
             try:
@@ -189,15 +199,15 @@ class TestTwoDecodeWorkers:
 
         assert wait_for(recovered, timeout=10)
         assert time.monotonic() - t0 < 10
-        assert httpx.get(f"{cluster.url}/health").json()["status"] == "ok"
+        assert httpx.get(f"{pair.url}/health").json()["status"] == "ok"
         body = {"model": MODEL, "prompt": f"After the outage. {LONG}", "max_tokens": 2, "temperature": 0}
-        r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=120)
+        r = httpx.post(f"{pair.url}/v1/completions", json=body, timeout=120)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
-    def test_abort_storm_of_200_streams_leaks_no_block(self, cluster: LocalCluster) -> None:
+    def test_abort_storm_of_200_streams_leaks_no_block(self, pair: LocalCluster) -> None:
         async def storm() -> list[int]:
             limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
-            async with httpx.AsyncClient(base_url=cluster.url, timeout=120, limits=limits) as h:
+            async with httpx.AsyncClient(base_url=pair.url, timeout=120, limits=limits) as h:
                 async def one(i: int) -> int:
                     prompt = f"{i} {LONG}" if i % 2 else f"Count to {i}."  # half go through prefill
                     body = {"model": MODEL, "prompt": prompt, "max_tokens": 64, "ignore_eos": True,
@@ -214,7 +224,7 @@ class TestTwoDecodeWorkers:
 
         codes = asyncio.run(storm())
         assert set(codes) <= {200, 429}, codes
-        adm = cluster.app.state.router.admission
+        adm = pair.app.state.router.admission
         assert wait_for(lambda: adm.in_flight == adm.arriving == 0, timeout=60)
-        statuses = wait_pools_full(cluster, timeout=120)  # 0 blocks leaked on either pool
+        statuses = wait_pools_full(pair, timeout=120)  # 0 blocks leaked on either pool
         assert len(statuses) == 3
