@@ -5,6 +5,8 @@ the prefix index fed by tailing the KV event stream), so routing a request never
 network round trip. `Dispatcher` asks the policy for workers, opens the backend stream, and
 re-routes when a worker fails before the first token: a failed prefill worker is excluded
 (the next attempt uses another, or prefills on decode), a failed decode worker likewise.
+After the first token, `stream` hands over to `router.migration`, which resumes a sequence
+whose decode worker was lost on another one.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ dispatcher knows what to retry:
   re-routes to another prefill worker or lets decode prefill), a failure of the decode worker
   itself is `WorkerUnavailableError`, a rejected input `InvalidRequestError` (400) and a full
   queue `QueueFullError` (429);
-- after it, any failure ends the stream (the router reports it in-band).
+- after it, a lost worker (UNAVAILABLE: killed, or shutting down) is `WorkerLostError`, which
+  the router answers by migrating the request (`router.migration`); any other failure ends
+  the stream (the router reports it in-band).
 
 The wire is `protocol.decode_client.AsyncDecodeClient`'s business (the same client the
 data-plane tests use, converting through `protocol.wire`); this module only turns its

@@ -211,3 +211,17 @@ def test_metrics_show_migrations_restarts_and_pool_integrity() -> None:
     assert 'splitserve_worker_restarts_total{process="decode-a"} 1.0' in text
     assert 'splitserve_worker_kv_pool_integrity_ok{pool="decode",worker="decode-a"} 0.0' in text
     assert 'splitserve_worker_kv_pool_integrity_ok{pool="decode",worker="decode-b"} 1.0' in text
+
+
+def test_migration_settings_are_validated_with_their_names() -> None:
+    from cluster.config import ConfigError, config_from_dict, load_config
+    from router.settings import RouterSettings, RouterSettingsError
+
+    with pytest.raises(RouterSettingsError, match="max_migrations"):
+        RouterSettings(max_migrations=-1)
+    with pytest.raises(RouterSettingsError, match="migration_wait_s"):
+        RouterSettings(migration_wait_s=float("nan"))
+    base = load_config(None).to_dict()
+    assert load_config(None).router.max_migrations == 3 and load_config(None).router.migration_wait_s == 120
+    with pytest.raises(ConfigError, match=r"router\.migration_wait_s"):
+        config_from_dict({**base, "router": {**base["router"], "migration_wait_s": -1}})
