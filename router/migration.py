@@ -22,7 +22,6 @@ by the decode worker itself. Only then does the error reach the client.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -114,33 +113,65 @@ def _resumed_prompt(dispatcher: Dispatcher, routed: RoutedPrompt, emitted: list[
 async def _watched(dispatcher: Dispatcher, opened: OpenStream, first_ever: bool) -> AsyncIterator[TokenDelta]:
     """``opened``'s deltas; `WorkerLostError` when its worker leaves the registry while the stream
     is silent (a frozen or partitioned worker breaks no connection). The backend stream is
-    closed on every exit."""
+    closed on every exit.
+
+    The registry is checked by a timer every `WATCH_S`, not per delta: when the worker is gone
+    while this task waits for a delta, the timer cancels the task, and the cancellation, ours
+    alone, becomes the `WorkerLostError` (a token path with no extra task or wake-up)."""
     rest = opened.rest
+    watch = _Watch(dispatcher, opened)
     try:
         first = opened.first
         yield first if first_ever else dataclasses.replace(first, cached_tokens=None)
         while True:
-            nxt = asyncio.ensure_future(anext(rest))
+            if watch.lost:
+                raise watch.error()
+            watch.waiting = True
             try:
-                while True:
-                    done, _ = await asyncio.wait({nxt}, timeout=WATCH_S)
-                    if done:
-                        break
-                    if _gone(dispatcher, opened):
-                        raise WorkerLostError(opened.decode_worker_id, opened.decode_address,
-                                              f"decode worker {opened.decode_worker_id} left the registry")
-            except BaseException:
-                nxt.cancel()
-                with contextlib.suppress(BaseException):
-                    await nxt
-                raise
-            try:
-                delta = nxt.result()
+                delta = await anext(rest)
             except StopAsyncIteration:
                 return
+            except asyncio.CancelledError:
+                if watch.cancelled and watch.task.uncancel() == 0:  # nobody else cancelled us
+                    raise watch.error() from None
+                raise
+            finally:
+                watch.waiting = False
             yield delta
     finally:
+        watch.close()
         await rest.aclose()
+
+
+class _Watch:
+    """The timer behind `_watched`: marks the stream lost once its worker left the registry,
+    and cancels the consuming task if it is waiting for a delta then."""
+
+    def __init__(self, dispatcher: Dispatcher, opened: OpenStream) -> None:
+        self.dispatcher, self.opened = dispatcher, opened
+        self.task = asyncio.current_task()
+        self.lost = self.waiting = self.cancelled = False
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(WATCH_S, self._check) if opened.decode_worker_id else None
+
+    def _check(self) -> None:
+        if not _gone(self.dispatcher, self.opened):
+            self._handle = self._loop.call_later(WATCH_S, self._check)
+            return
+        self.lost, self._handle = True, None
+        if self.waiting and self.task is not None:
+            self.cancelled = True
+            self.task.cancel()
+
+    def error(self) -> WorkerLostError:
+        o = self.opened
+        return WorkerLostError(o.decode_worker_id, o.decode_address, f"decode worker {o.decode_worker_id} left the "
+                               "registry")
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _gone(dispatcher: Dispatcher, opened: OpenStream) -> bool:

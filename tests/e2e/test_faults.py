@@ -205,26 +205,29 @@ class TestTwoDecodeWorkers:
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
     def test_abort_storm_of_200_streams_leaks_no_block(self, pair: LocalCluster) -> None:
-        async def storm() -> list[int]:
+        """200 streams, half long enough to go through the prefill worker, each dropped by its
+        client after 0.05 to 3 s: before its first byte, mid-prefill or mid-decode."""
+        async def storm() -> int:
             limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
-            async with httpx.AsyncClient(base_url=pair.url, timeout=120, limits=limits) as h:
-                async def one(i: int) -> int:
-                    prompt = f"{i} {LONG}" if i % 2 else f"Count to {i}."  # half go through prefill
-                    body = {"model": MODEL, "prompt": prompt, "max_tokens": 64, "ignore_eos": True,
-                            "stream": True}
+            async with httpx.AsyncClient(base_url=pair.url, timeout=60, limits=limits) as h:
+                async def one(i: int) -> None:
+                    prompt = f"{i} {LONG}" if i % 2 else f"Count to {i}."
+                    body = {"model": MODEL, "prompt": prompt, "max_tokens": 64, "ignore_eos": True, "stream": True}
                     async with h.stream("POST", "/v1/completions", json=body) as r:
-                        lines = 0
                         async for _ in r.aiter_lines():
-                            lines += 1
-                            if lines >= i % 4:  # 0: gone at once; else after a few events
-                                break
-                        return r.status_code
+                            pass
 
-                return await asyncio.gather(*(one(i) for i in range(200)))
+                async def dropped(i: int) -> bool:
+                    try:
+                        await asyncio.wait_for(one(i), timeout=0.05 + (i % 20) * 0.15)
+                    except TimeoutError:
+                        return True
+                    return False
 
-        codes = asyncio.run(storm())
-        assert set(codes) <= {200, 429}, codes
+                return sum(await asyncio.gather(*(dropped(i) for i in range(200))))
+
+        assert asyncio.run(storm()) > 150  # most were cut off mid-way
         adm = pair.app.state.router.admission
-        assert wait_for(lambda: adm.in_flight == adm.arriving == 0, timeout=60)
-        statuses = wait_pools_full(pair, timeout=120)  # 0 blocks leaked on either pool
+        assert wait_for(lambda: adm.in_flight == adm.arriving == 0, timeout=120)
+        statuses = wait_pools_full(pair, timeout=180)  # 0 blocks leaked on either pool
         assert len(statuses) == 3
