@@ -133,6 +133,12 @@ class RouterConfig(_Section):
         description="per pool: admitted prompt tokens not yet prefilled (router-counted); more get 429; 0: no limit",
     )
     max_retries: int = Field(2, ge=0, description="re-routes after a worker fails before the first token")
+    max_migrations: int = Field(
+        3, ge=0, description="moves of a stream whose decode worker was lost mid-stream (token replay)"
+    )
+    migration_wait_s: float = Field(
+        120.0, ge=0, description="how long such a stream waits for a decode worker (e.g. a restart)"
+    )
     request_timeout_s: float = Field(600.0, gt=0, description="end-to-end limit for one request")
     api_keys: tuple[str, ...] = Field((), description="accepted bearer tokens; empty disables auth")
     log_requests: bool = Field(True, description="one console line per finished request (serve --quiet: off)")
@@ -223,6 +229,17 @@ class TlsConfig(_Section):
         return bool(self.cert_file)
 
 
+class SupervisionConfig(_Section):
+    """What the local launcher restarts when it dies (`cluster.supervisor`)."""
+
+    restart_workers: bool = Field(True, description="restart a worker process that died")
+    restart_redis: bool = Field(True, description="restart the embedded redis-server (same port and password)")
+    max_restarts: int = Field(5, ge=0, description="restarts of one process before it is left down")
+    backoff_s: float = Field(
+        1.0, ge=0, le=3600, description="wait before a process's 2nd restart; doubles each time after (max 30 s)"
+    )
+
+
 class ClusterConfig(_Section):
     """A whole deployment. `load_config(None)` gives the embedded CPU default."""
 
@@ -246,6 +263,7 @@ class ClusterConfig(_Section):
     router: RouterConfig = RouterConfig()
     redis: RedisConfig = RedisConfig()
     tls: TlsConfig = TlsConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
 
     @field_validator("redis", mode="before")
     @classmethod

@@ -163,6 +163,11 @@ class Launcher(ABC):
     def kill(self, handle: WorkerGroupHandle) -> None:
         """Abrupt death of every rank, with no goodbye (what failure handling must survive)."""
 
+    def restart(self, handle: WorkerGroupHandle) -> None:
+        """Start a dead group again with its original specs, in place (the handle reports the new
+        processes; its ``info`` is cleared until they are ready again). For `cluster.supervisor`."""
+        raise LauncherError(f"{type(self).__name__} cannot restart worker groups")
+
     @abstractmethod
     def close(self) -> str | None:
         """Stop what still runs and release the launcher's resources. Returns where logs were

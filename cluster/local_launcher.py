@@ -90,6 +90,14 @@ class LocalProcessLauncher(Launcher):
                 list(pool.map(lambda p: p.stop(grace_s), procs))
         return [g.status() for g in chosen]
 
+    def restart(self, handle: WorkerGroupHandle) -> None:
+        group = self._own(handle)
+        if group.status().alive:
+            raise LauncherError(f"{handle.worker_id}: still running; stop it before a restart")
+        env = _device_env(self.env, group.spec.ranks[0].device, self.groups.index(group))
+        group.processes = [WorkerProcess(group.spec.ranks[0], self.token, env=env, log_dir=self.log_dir).spawn()]
+        group.info = None
+
     def kill(self, handle: WorkerGroupHandle) -> None:
         for p in self._own(handle).processes:
             p.kill()

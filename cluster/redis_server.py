@@ -106,6 +106,11 @@ class EmbeddedRedis:
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (tests kill it)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -165,6 +170,14 @@ class EmbeddedRedis:
             return False
         finally:
             client.close()
+
+    def restart(self) -> EmbeddedRedis:
+        """Start again after a crash, on the same port with the same password, so every client
+        reconnects by itself (the store starts empty: workers re-register and republish)."""
+        if self.port is None:
+            raise RedisServerError("embedded redis was never started")
+        self.stop()
+        return self.start()
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -196,9 +196,13 @@ class DecodeLoop:
         self.timings.forget(live.req.request_id)
 
     def _step(self) -> None:
-        for out in self.engine.poll_kv():  # first tokens go out now, not after the next decode step
-            self._emit(out)
-        outputs = self.engine.step()
+        try:
+            for out in self.engine.poll_kv():  # first tokens go out now, not after the next decode step
+                self._emit(out)
+            outputs = self.engine.step()
+        except Exception as e:
+            self._fail_step(e)
+            return
         started = self.connector.take_step_start()
         if started:
             self.timings.step_finished(time.monotonic() - started)
@@ -236,6 +240,18 @@ class DecodeLoop:
         if out.finished:
             self._deadlines.pop(out.request_id, None)
             del self._live[out.request_id]
+
+    def _fail_step(self, error: Exception) -> None:
+        """A step raised: end only the requests it can be attributed to (the engine frees their
+        blocks); the loop goes on serving the rest. Nothing attributable: every live request,
+        so a failure that repeats cannot spin forever."""
+        log.exception("decode step failed; failing the requests it ran")
+        ids = self.engine.failed_step_requests(error) or list(self._live)
+        for rid in ids:
+            out = self.engine.fail_request(rid, f"decode step failed: {error}")
+            if out is not None:
+                self._emit(out)
+            self._abort(rid, StreamError("INTERNAL", f"decode step failed: {error}"))  # no-op once emitted
 
     def _fail_all(self, code: str, message: str) -> None:
         for rid in list(self._live):

@@ -27,6 +27,7 @@ from protocol.wire import chunk_to_proto, params_from_proto, prefill_target_from
 from protocol.worker_spec import WorkerSpec
 from worker_runtime.runtime import (
     RunningWorker,
+    agent_name_for,
     bind_server,
     compat_text,
     join_control_plane,
@@ -124,18 +125,19 @@ def start_decode_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     engine = LLMEngine(spec.engine_config())
     server, address = bind_server(spec, token, spec.grpc_workers)
     worker_id = worker_id_for(spec, address)
-    worker = RunningWorker(worker_id, address, worker_id)
-    transport = open_transport(spec, worker_id, token, engine.kv_cache_pool)
+    agent_name = agent_name_for(worker_id)
+    worker = RunningWorker(worker_id, address, agent_name)
+    transport = open_transport(spec, agent_name, token, engine.kv_cache_pool)
     worker.on_stop(transport.close)
     metadata = transport.metadata()
     cfg = DecodeLoopConfig(lease_s=spec.lease_s)
     peers = PrefillPeers(
-        token=token, post=lambda m: loop.inbox.put(m), agent_name=worker_id, metadata=metadata,
+        token=token, post=lambda m: loop.inbox.put(m), agent_name=agent_name, metadata=metadata,
         decode_address=address, lease_s=spec.lease_s,
     )
     loop = DecodeLoop(engine, transport, peers, cfg)
     servicer = DecodeServicer(
-        loop, worker_id=worker_id, agent_name=worker_id, metadata=metadata,
+        loop, worker_id=worker_id, agent_name=agent_name, metadata=metadata,
         compat_key=compat_text(spec, engine.layout), default_timeout_s=spec.request_timeout_s,
     )
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)

@@ -37,3 +37,11 @@ class WeightLoadError(SplitserveError):
 
 class OutOfBlocksError(SplitserveError):
     """The KV cache has no free blocks for an allocation that must succeed."""
+
+
+class RequestStepError(SplitserveError):
+    """A step failed because of one request (its stop check, its text): only it must end."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(message)
+        self.request_id = request_id

@@ -15,14 +15,15 @@ import torch
 
 from engine.block_manager import BlockManager, KVEvent
 from engine.config import EngineConfig, ModelConfig
-from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError, RequestStepError
 from engine.kv_cache_pool import KVCachePool, KVLayout
 from engine.kv_connector import KVArrival, KVConnector, KVFailure, KVPoll, KVStepOutcome
 from engine.model_loader import load_model
 from engine.model_runner import ModelRunner, StepResult
 from engine.output_processor import OutputProcessor, RequestState
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import EngineStats, RequestError, RequestOutput
 from engine.parallel import ParallelGroup
+from engine.resume import replay_resumed_text, split_resumed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence, SequenceStatus
@@ -61,6 +62,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._kv_params: dict[str, object] = {}  # remote prompts waiting for blocks -> connector's params
+        self._step_requests: frozenset[str] = frozenset()  # what the last step scheduled
 
     def attach_kv_connector(self, connector: KVConnector) -> None:
         """For a worker that builds its connector around an engine it was given (one per engine)."""
@@ -115,6 +117,9 @@ class LLMEngine:
             raise InvalidRequestError(f"request_id: {request_id!r} is already running")
         text, ids = self.tokenize(prompt)
         self.validate_prompt(ids)
+        prompt_ids, resumed = split_resumed(ids, params)  # resumed: output a dead worker streamed
+        if resumed and kv_params is not None:
+            raise InvalidRequestError("resumed_output_tokens: a resumed request is prefilled where it decodes")
         remote = 0
         if self.kv_connector is not None:
             remote = self.kv_connector.num_remote_prompt_tokens(request_id, ids, kv_params)
@@ -124,11 +129,14 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             p = params if params.n == 1 else params.for_child(i)
-            seq = Sequence(f"{request_id}-{i}", request_id, list(ids), p)
+            seq = Sequence(f"{request_id}-{i}", request_id, list(prompt_ids), p, output_token_ids=list(resumed))
             seqs.append(seq)
             self._seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
-        self.outputs.add(RequestState(request_id, text, list(ids), params, seqs))
+        state = RequestState(request_id, text, list(prompt_ids), params, seqs)
+        self.outputs.add(state)
+        if resumed:
+            replay_resumed_text(state)
 
     def _add_remote(
         self, request_id: str, ids: list[int], params: SamplingParams, remote: int, kv_params: object
@@ -151,6 +159,18 @@ class LLMEngine:
         for seq in state.seqs:
             self.scheduler.finish(seq, "abort", hold=hold)
             self._seqs.pop(seq.seq_id, None)
+
+    def fail_request(self, request_id: str, reason: str, code: str = "INTERNAL") -> RequestOutput | None:
+        """End one request that a step could not serve (its blocks freed), leaving the others
+        running; its final output carries the error. None when it is not running here."""
+        return self._fail(KVFailure(request_id, RequestError(code, reason)))
+
+    def failed_step_requests(self, error: BaseException) -> list[str]:
+        """Which requests a step that raised ``error`` must fail: the one it names, else every
+        request the step scheduled (never the others, never the worker)."""
+        if isinstance(error, RequestStepError):
+            return [error.request_id]
+        return sorted(r for r in self._step_requests if r in self.outputs.requests)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.outputs.requests)
@@ -205,6 +225,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = self.poll_kv()
         sched = self.scheduler.schedule()
+        self._step_requests = frozenset(s.seq.request_id for s in sched.scheduled)
         if sched.is_empty:
             return outputs
         tables = [self.blocks.block_table(s.seq.seq_id) for s in sched.scheduled]
@@ -234,7 +255,12 @@ class LLMEngine:
                 continue
             state = self.outputs.requests[seq.request_id]
             st = state.texts[state.seqs.index(seq)]
-            stop = ("prefilled", None) if seq.request_id in delivered else self.outputs.check_stop(seq, st)
+            try:
+                stop = ("prefilled", None) if seq.request_id in delivered else self.outputs.check_stop(seq, st)
+            except Exception as e:  # this request's own text or stop check: it alone ends
+                failed[seq.request_id] = KVFailure(seq.request_id, RequestError("INTERNAL", f"stop check failed: {e}"))
+                changed.pop(seq.request_id, None)
+                continue
             finished = changed.setdefault(seq.request_id, {})
             if stop is not None:
                 finished[seq_id] = stop

@@ -26,7 +26,7 @@ _FLOAT_FIELDS = (
     "frequency_penalty",
     "repetition_penalty",
 )
-_INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "seed")
+_INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "seed", "resumed_output_tokens")
 _OPTIONAL_FIELDS = ("max_tokens", "logprobs", "seed")
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 
@@ -58,6 +58,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-N alternatives to report, 0..20 (0: only the chosen token)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # a migrated request: the last this-many prompt ids are output tokens already streamed by a
+    # worker that died; sampling, stop checks and text continue at their positions
+    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         self._normalise_types()
@@ -115,6 +118,8 @@ class SamplingParams:
             raise bad("max_tokens", ">= 1")
         if self.min_tokens < 0:
             raise bad("min_tokens", ">= 0")
+        if self.resumed_output_tokens < 0:
+            raise bad("resumed_output_tokens", ">= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"<= max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -147,10 +147,10 @@ class PrefillLoop:
                 try:
                     if not self._step():
                         time.sleep(0.005)  # admitted nothing (no blocks): don't spin
-                except Exception:
-                    log.exception("prefill step failed; failing its requests")
-                    for rid in list(self._jobs):
-                        self._fail(rid, "prefill worker error (see its log)")
+                except Exception as e:  # only the requests it ran fail, never the worker
+                    log.exception("prefill step failed; failing the requests it ran")
+                    for rid in self.engine.failed_step_requests(e) or list(self._jobs):
+                        self._fail(rid, f"prefill step failed: {e}")
             self._publish()
 
     def _handle(self, m: InboxMsg) -> None:

@@ -24,6 +24,7 @@ from protocol.wire import params_from_proto
 from protocol.worker_spec import WorkerSpec
 from worker_runtime.runtime import (
     RunningWorker,
+    agent_name_for,
     bind_server,
     compat_text,
     join_control_plane,
@@ -110,14 +111,15 @@ def start_prefill_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     engine = LLMEngine(spec.engine_config())
     server, address = bind_server(spec, token, max_workers=32)
     worker_id = worker_id_for(spec, address)
-    worker = RunningWorker(worker_id, address, worker_id)
-    transport = open_transport(spec, worker_id, token, engine.kv_cache_pool)
+    agent_name = agent_name_for(worker_id)
+    worker = RunningWorker(worker_id, address, agent_name)
+    transport = open_transport(spec, agent_name, token, engine.kv_cache_pool)
     worker.on_stop(transport.close)
     metadata = transport.metadata()
     loop = PrefillLoop(engine, transport, spec.transfer_timeout_s)
     renewer = LeaseRenewer(lambda: loop.snapshot().leased, loop.abort, token)
     servicer = PrefillServicer(
-        loop, worker_id=worker_id, agent_name=worker_id, metadata=metadata,
+        loop, worker_id=worker_id, agent_name=agent_name, metadata=metadata,
         compat_key=compat_text(spec, engine.layout), max_queued_requests=spec.max_queued_requests,
         max_queued_prompt_tokens=spec.max_queued_prompt_tokens,
     )

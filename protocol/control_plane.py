@@ -81,6 +81,12 @@ class ControlPlane:
         self.client.close()
 
     # keys -----------------------------------------------------------------------------------
+    def server_id(self) -> str:
+        """The Redis server's run id: it changes when the server restarts (an empty store, a
+        new KV event stream), which is how a reader knows to start the stream over."""
+        info = self.client.info("server")
+        return str(info.get("run_id", ""))
+
     def _worker_key(self, worker_id: str) -> str:
         return f"{self.ns}:worker:{worker_id}"
 

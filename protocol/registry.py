@@ -103,6 +103,7 @@ class LoadSnapshot:
     running_requests: int = 0
     free_blocks: int = 0
     total_blocks: int = 0
+    integrity_ok: bool = True  # the worker's last idle BlockManager.check_integrity() passed
     timestamp: float = field(default_factory=time.time)
 
     @property

@@ -31,7 +31,7 @@ from protocol.proto import worker_pb2 as pb
 from protocol.stream import PrefillTarget, TokenChunk, TokenLogprob
 
 _OPTIONAL = ("seed", "max_tokens", "logprobs")
-_INT32 = ("n", "top_k", "max_tokens", "min_tokens", "logprobs")  # int32 on the wire
+_INT32 = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "resumed_output_tokens")  # int32 on the wire
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -62,6 +62,7 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
         ignore_eos=p.ignore_eos,
         skip_special_tokens=p.skip_special_tokens,
         include_stop_str_in_output=p.include_stop_str_in_output,
+        resumed_output_tokens=p.resumed_output_tokens,
     )
     for name in _OPTIONAL:
         value = getattr(p, name)
@@ -90,6 +91,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
         include_stop_str_in_output=msg.include_stop_str_in_output,
+        resumed_output_tokens=msg.resumed_output_tokens,
     )
 
 

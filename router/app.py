@@ -104,7 +104,8 @@ def create_app(
     cluster = ClusterView(control_plane)
     metrics = RouterMetrics(cluster.workers)
     policy = make_policy(settings.policy, settings.routing)
-    dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=settings.max_retries)
+    dispatcher = Dispatcher(backend, cluster, policy, metrics, max_retries=settings.max_retries,
+                            max_migrations=settings.max_migrations, migration_wait_s=settings.migration_wait_s)
     state = RouterState(settings, backend, cluster, dispatcher, metrics, int(time.time()),
                         RequestLog(enabled=settings.log_requests), Admission(settings.admission))
 
@@ -195,11 +196,18 @@ def create_app(
 
     @app.get("/health", responses={503: {"model": P.ErrorResponse}})
     async def health() -> JSONResponse:
-        ok = await backend.healthy()
-        if ok and not cluster.static and not cluster.snapshot().decode:
-            ok = False
-        status = {"status": "ok" if ok else "unavailable", "workers": len(cluster.workers())}
-        return JSONResponse(status, status_code=200 if ok else 503)
+        if not await backend.healthy():
+            return JSONResponse({"status": "unavailable", "workers": len(cluster.workers())}, status_code=503)
+        why = cluster.degraded()
+        if cluster.control_plane is not None and not why:  # a Redis that died since the last poll
+            try:
+                await asyncio.wait_for(asyncio.to_thread(cluster.control_plane.client.ping), 1.0)
+            except Exception:
+                why = ["control plane unreachable"]
+        status: dict[str, object] = {"status": "degraded" if why else "ok", "workers": len(cluster.workers())}
+        if why:
+            status["reasons"] = why
+        return JSONResponse(status, status_code=503 if why else 200)
 
     @app.get("/metrics", response_class=Response, include_in_schema=False)
     async def prometheus() -> Response:

@@ -16,7 +16,9 @@ Contract:
 - Before it yields anything the backend may raise `router.errors.QueueFullError` (→ 429),
   `PrefillFailedError` (→ router retries on another prefill worker or on decode),
   `WorkerUnavailableError` (→ router retries on another decode worker), or an
-  `engine.errors.InvalidRequestError` (→ 400). After the first delta, errors end the stream.
+  `engine.errors.InvalidRequestError` (→ 400). After the first delta, `WorkerLostError` makes
+  the router migrate the request (it resubmits it with ``resumed_output_tokens``); other
+  errors end the stream.
 """
 
 from __future__ import annotations

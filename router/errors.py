@@ -141,6 +141,18 @@ class WorkerUnavailableError(ServiceUnavailableError):
         self.worker_id = worker_id
 
 
+class WorkerLostError(ServiceUnavailableError):
+    """The decode worker failed after streaming tokens (the stream broke, it answered
+    UNAVAILABLE, or it left the registry): the router migrates the request (`router.migration`)."""
+
+    code = "worker_lost"
+
+    def __init__(self, worker_id: str, address: str, message: str | None = None) -> None:
+        super().__init__(message or f"decode worker {worker_id} at {address} was lost mid-stream")
+        self.worker_id = worker_id
+        self.address = address
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map any exception the request path can raise to the error we report."""
     if isinstance(exc, APIError):

@@ -10,7 +10,9 @@ dispatcher knows what to retry:
   re-routes to another prefill worker or lets decode prefill), a failure of the decode worker
   itself is `WorkerUnavailableError`, a rejected input `InvalidRequestError` (400) and a full
   queue `QueueFullError` (429);
-- after it, any failure ends the stream (the router reports it in-band).
+- after it, a lost worker (UNAVAILABLE: killed, or shutting down) is `WorkerLostError`, which
+  the router answers by migrating the request (`router.migration`); any other failure ends
+  the stream (the router reports it in-band).
 
 The wire is `protocol.decode_client.AsyncDecodeClient`'s business (the same client the
 data-plane tests use, converting through `protocol.wire`); this module only turns its
@@ -35,6 +37,7 @@ from router.errors import (
     QueueFullError,
     RequestTimeoutError,
     ServiceUnavailableError,
+    WorkerLostError,
     WorkerUnavailableError,
 )
 
@@ -44,6 +47,10 @@ log = logging.getLogger(__name__)
 _PREFILL_CODES = frozenset(
     {"UNAVAILABLE", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED"}
 )
+
+# after the first token, what a dead or departing worker's stream ends with (kill -9: the
+# connection breaks; a graceful stop: "shutting down"); other codes are the request's own failure
+_LOST_CODES = frozenset({"UNAVAILABLE"})
 
 WorkerLookup = Callable[[str], WorkerInfo | None]
 
@@ -126,6 +133,9 @@ class GrpcBackend(GenerationBackend):
                 started = True
                 yield delta
         except DecodeRequestError as e:
+            if started and e.code in _LOST_CODES:  # the worker is gone, not the request: migrate it
+                raise WorkerLostError(decode_id, decode.address, f"decode worker {decode_id}: {e.code}: "
+                                      f"{e.message}") from None
             raise _map_error(e, request, started) from None
         finally:
             await stream.aclose()  # cancels the call unless it finished: the worker aborts and frees

@@ -45,13 +45,19 @@ class _WorkerCollector(Collector):
         kv = GaugeMetricFamily(
             "splitserve_worker_kv_usage_ratio", "Fraction of a worker's KV blocks in use", labels=labels
         )
+        integrity = GaugeMetricFamily(
+            "splitserve_worker_kv_pool_integrity_ok",
+            "1 while a worker's last idle KV pool integrity check passed (every block accounted for), else 0",
+            labels=labels,
+        )
         for w in self._workers():
             lv = [w.worker_id, w.info.pool]
             queue.add_metric(lv, w.load.queued_requests)
             queued_tokens.add_metric(lv, w.load.queued_prefill_tokens)
             running.add_metric(lv, w.load.running_requests)
             kv.add_metric(lv, w.load.kv_usage)
-        yield from (queue, queued_tokens, running, kv)
+            integrity.add_metric(lv, 1.0 if w.load.integrity_ok else 0.0)
+        yield from (queue, queued_tokens, running, kv, integrity)
 
 
 class RouterMetrics:
@@ -91,6 +97,15 @@ class RouterMetrics:
         self.retries = Counter(
             "splitserve_route_retries", "Re-routes after a worker failed", ["failed_pool"], registry=r
         )
+        self.migrations = Counter(
+            "splitserve_migrations", "Streams moved to another decode worker after theirs was lost mid-stream",
+            ["outcome"], registry=r,
+        )  # outcome: attempted | succeeded | failed
+        for outcome in ("attempted", "succeeded", "failed"):
+            self.migrations.labels(outcome)
+        self.worker_restarts = Counter(
+            "splitserve_worker_restarts", "Processes the supervisor restarted", ["process"], registry=r
+        )  # process: a worker id, or "redis"
         self.cached_prompt_tokens = Counter(
             "splitserve_prefix_cache_hit_tokens",
             "Prompt tokens the chosen decode worker had cached",

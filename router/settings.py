@@ -26,6 +26,8 @@ class RouterSettings:
     policy: str = "kv_aware"  # a name in `router.policy.POLICIES`
     routing: PolicySettings = field(default_factory=PolicySettings)
     max_retries: int = 2  # re-routes after a worker fails before the first token
+    max_migrations: int = 3  # moves of a sequence whose decode worker was lost mid-stream (router.migration)
+    migration_wait_s: float = 120.0  # how long such a sequence waits for a decode worker (a restart)
     request_timeout_s: float | None = 600.0  # end-to-end limit for one request; None: none
     api_keys: tuple[str, ...] = ()  # accepted bearer tokens; empty disables auth
     log_requests: bool = True  # one console line per finished request (`splitserve serve --quiet`: off)
@@ -46,6 +48,10 @@ class RouterSettings:
             raise RouterSettingsError(f"max_model_len: must be >= 1, got {self.max_model_len}")
         if self.max_retries < 0:
             raise RouterSettingsError(f"max_retries: must be >= 0, got {self.max_retries}")
+        if self.max_migrations < 0:
+            raise RouterSettingsError(f"max_migrations: must be >= 0, got {self.max_migrations}")
+        if not self.migration_wait_s >= 0:
+            raise RouterSettingsError(f"migration_wait_s: must be >= 0, got {self.migration_wait_s}")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise RouterSettingsError(f"request_timeout_s: must be > 0, got {self.request_timeout_s}")
         if self.max_body_bytes < 1024:

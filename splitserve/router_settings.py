@@ -33,6 +33,8 @@ def router_settings(config: ClusterConfig) -> RouterSettings:
             policy=r.policy,
             routing=routing,
             max_retries=r.max_retries,
+            max_migrations=r.max_migrations,
+            migration_wait_s=r.migration_wait_s,
             request_timeout_s=r.request_timeout_s,
             api_keys=r.api_keys,
             log_requests=r.log_requests,

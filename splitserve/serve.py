@@ -33,6 +33,7 @@ from fastapi import FastAPI
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.launcher import Launcher, StartCancelled, WorkerGroupHandle, WorkerGroupSpec, WorkerStartError
 from cluster.local_launcher import LocalProcessLauncher
+from cluster.supervisor import SupervisionPolicy, Supervisor
 from engine.errors import SplitserveError
 from protocol.control_plane import ControlPlane
 from protocol.grpc_auth import GrpcTls
@@ -148,6 +149,7 @@ class LocalCluster:
         self.launcher: Launcher | None = None
         self.workers: list[WorkerGroupHandle] = []
         self.router: RouterServer | None = None
+        self.supervisor: Supervisor | None = None
         self._started = False
         self._model: str | None = None
 
@@ -215,6 +217,18 @@ class LocalCluster:
         self.router = RouterServer(app, self.router_host, self.router_port, on_exit=router_cp.close)
         self.router.start()
         self.router_port = self.router.port
+        self.supervisor = self._supervise()
+
+    def _supervise(self) -> Supervisor | None:
+        """Restart dead workers and a dead embedded Redis (``supervision:``), counted in /metrics."""
+        s = self.config.supervision
+        if not (s.restart_workers or s.restart_redis) or self.launcher is None:
+            return None
+        assert self.redis is not None and self.router is not None
+        metrics = self.router.app.state.router.metrics
+        policy = SupervisionPolicy(s.restart_workers, s.restart_redis, s.max_restarts, s.backoff_s)
+        return Supervisor(self.launcher, self.workers, policy, self.redis.server,
+                          on_restart=lambda name: metrics.worker_restarts.labels(name).inc()).start()
 
     def _wait_ready(self, cancelled: Callable[[], bool]) -> None:
         assert self.launcher is not None
@@ -259,6 +273,8 @@ class LocalCluster:
             return
         self._started = False
         atexit.unregister(self.stop)
+        if self.supervisor is not None:  # first: a deliberate stop must not be undone
+            self.supervisor.stop()
         if self.router is not None:
             self.router.stop()
         if self.launcher is not None:

@@ -95,6 +95,7 @@ def load_from_snapshot(snapshot: Any) -> LoadSnapshot:
         running_requests=int(snapshot.num_running),
         free_blocks=int(snapshot.num_free_blocks),
         total_blocks=int(snapshot.num_total_blocks),
+        integrity_ok=not getattr(snapshot, "integrity_error", ""),
     )
 
 
@@ -257,7 +258,8 @@ class WorkerAgent:
 
 
 def _load_key(load: LoadSnapshot) -> tuple[int, ...]:
-    return (load.queued_requests, load.queued_prefill_tokens, load.running_requests, load.free_blocks)
+    return (load.queued_requests, load.queued_prefill_tokens, load.running_requests, load.free_blocks,
+            int(load.integrity_ok))
 
 
 def attach_worker_agent(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,13 @@ def worker_id_for(spec: WorkerSpec, address: str) -> str:
     if spec.worker_id:
         return spec.worker_id
     return f"{spec.role}-{socket.gethostname()}-{address.rsplit(':', 1)[1]}"
+
+
+def agent_name_for(worker_id: str) -> str:
+    """This process's KV transport peer name: the worker id and a per-start nonce. A worker
+    restarted under the same id (`cluster.supervisor`) must be a new peer to everyone: a
+    transport keeps what it learnt of a peer (its address, its metadata) under the peer's name."""
+    return f"{worker_id}.{secrets.token_hex(4)}"
 
 
 def compat_key(spec: WorkerSpec) -> dict[str, Any]:

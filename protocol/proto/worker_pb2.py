@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotocol/proto/worker.proto\x12\x11splitserve.worker\"\xa5\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\x05\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x10 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"3\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x36\n\x07prefill\x18\x04 \x01(\x0b\x32 .splitserve.worker.PrefillTargetH\x00\x88\x01\x01\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x42\n\n\x08_prefill\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"L\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12*\n\x03top\x18\x02 \x03(\x0b\x32\x1d.splitserve.worker.TopLogprob\"\xe8\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .splitserve.worker.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\x12\x16\n\x0eprefill_worker\x18\t \x01(\t\"\xfb\x01\n\x14RemotePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_metadata\x18\x05 \x01(\x0c\x12\x15\n\rdst_block_ids\x18\x06 \x03(\x05\x12\x13\n\x0bskip_blocks\x18\x07 \x01(\x05\x12\x0f\n\x07lease_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_address\x18\t \x01(\t\"`\n\x12RemotePrefillReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x05\x12\x12\n\nagent_name\x18\x04 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"#\n\x0cLeaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x1d\n\nLeaseReply\x12\x0f\n\x07\x65xpired\x18\x01 \x03(\t\"\x0f\n\rStatusRequest\"\xc4\x04\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x07 \x01(\x03\x12\x1e\n\x16prompt_tokens_computed\x18\x08 \x01(\x03\x12\x1c\n\x14prompt_tokens_cached\x18\t \x01(\x03\x12\x12\n\nagent_name\x18\n \x01(\t\x12\x1a\n\x12transport_metadata\x18\x0b \x01(\x0c\x12\x12\n\ncompat_key\x18\x0c \x01(\t\x12\x17\n\x0fhandover_p50_ms\x18\r \x01(\x01\x12\x17\n\x0fhandover_max_ms\x18\x0e \x01(\x01\x12\x15\n\rnum_handovers\x18\x0f \x01(\x05\x12\x1a\n\x12\x64\x65\x63ode_step_p50_ms\x18\x10 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x11 \x01(\x05\x12\x12\n\nnum_leases\x18\x12 \x01(\x05\x12\x17\n\x0fintegrity_error\x18\x13 \x01(\t\x12\x17\n\x0fkv_bytes_pushed\x18\x14 \x01(\x03\x12\x17\n\x0fkv_push_seconds\x18\x15 \x01(\x01\x12\x1b\n\x13kv_push_tail_ms_p50\x18\x16 \x01(\x01\x12\x1b\n\x13kv_push_descriptors\x18\x17 \x01(\x03\x32\xc9\x02\n\x0c\x44\x65\x63odeWorker\x12U\n\x08Generate\x12\".splitserve.worker.GenerateRequest\x1a#.splitserve.worker.GenerateResponse0\x01\x12G\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a\x1d.splitserve.worker.AbortReply\x12K\n\x06Status\x12 .splitserve.worker.StatusRequest\x1a\x1f.splitserve.worker.WorkerStatus\x12L\n\nRenewLease\x12\x1f.splitserve.worker.LeaseRequest\x1a\x1d.splitserve.worker.LeaseReply2\x86\x02\n\rPrefillWorker\x12_\n\rRemotePrefill\x12\'.splitserve.worker.RemotePrefillRequest\x1a%.splitserve.worker.RemotePrefillReply\x12G\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a\x1d.splitserve.worker.AbortReply\x12K\n\x06Status\x12 .splitserve.worker.StatusRequest\x1a\x1f.splitserve.worker.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bprotocol/proto/worker.proto\x12\x11splitserve.worker\"\xc4\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0b \x01(\x05\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x10 \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x11 \x01(\x08\x12\x1d\n\x15resumed_output_tokens\x18\x12 \x01(\x05\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"3\n\rPrefillTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xc9\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x36\n\x07prefill\x18\x04 \x01(\x0b\x32 .splitserve.worker.PrefillTargetH\x00\x88\x01\x01\x12\x11\n\ttimeout_s\x18\x05 \x01(\x01\x42\n\n\x08_prefill\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"L\n\rTokenLogprobs\x12\x0f\n\x07logprob\x18\x01 \x01(\x02\x12*\n\x03top\x18\x02 \x03(\x0b\x32\x1d.splitserve.worker.TopLogprob\"\xe8\x01\n\x10GenerateResponse\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .splitserve.worker.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x05\x12\x15\n\rcached_tokens\x18\x08 \x01(\x05\x12\x16\n\x0eprefill_worker\x18\t \x01(\t\"\xfb\x01\n\x14RemotePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x31\n\x06params\x18\x03 \x01(\x0b\x32!.splitserve.worker.SamplingParams\x12\x14\n\x0c\x64\x65\x63ode_agent\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_metadata\x18\x05 \x01(\x0c\x12\x15\n\rdst_block_ids\x18\x06 \x03(\x05\x12\x13\n\x0bskip_blocks\x18\x07 \x01(\x05\x12\x0f\n\x07lease_s\x18\x08 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_address\x18\t \x01(\t\"`\n\x12RemotePrefillReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x15\n\rqueued_tokens\x18\x03 \x01(\x05\x12\x12\n\nagent_name\x18\x04 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"#\n\x0cLeaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x1d\n\nLeaseReply\x12\x0f\n\x07\x65xpired\x18\x01 \x03(\t\"\x0f\n\rStatusRequest\"\xc4\x04\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x18\n\x10num_total_blocks\x18\x03 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\x05\x12\x13\n\x0bnum_running\x18\x05 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x06 \x01(\x05\x12\x1d\n\x15queued_prefill_tokens\x18\x07 \x01(\x03\x12\x1e\n\x16prompt_tokens_computed\x18\x08 \x01(\x03\x12\x1c\n\x14prompt_tokens_cached\x18\t \x01(\x03\x12\x12\n\nagent_name\x18\n \x01(\t\x12\x1a\n\x12transport_metadata\x18\x0b \x01(\x0c\x12\x12\n\ncompat_key\x18\x0c \x01(\t\x12\x17\n\x0fhandover_p50_ms\x18\r \x01(\x01\x12\x17\n\x0fhandover_max_ms\x18\x0e \x01(\x01\x12\x15\n\rnum_handovers\x18\x0f \x01(\x05\x12\x1a\n\x12\x64\x65\x63ode_step_p50_ms\x18\x10 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x11 \x01(\x05\x12\x12\n\nnum_leases\x18\x12 \x01(\x05\x12\x17\n\x0fintegrity_error\x18\x13 \x01(\t\x12\x17\n\x0fkv_bytes_pushed\x18\x14 \x01(\x03\x12\x17\n\x0fkv_push_seconds\x18\x15 \x01(\x01\x12\x1b\n\x13kv_push_tail_ms_p50\x18\x16 \x01(\x01\x12\x1b\n\x13kv_push_descriptors\x18\x17 \x01(\x03\x32\xc9\x02\n\x0c\x44\x65\x63odeWorker\x12U\n\x08Generate\x12\".splitserve.worker.GenerateRequest\x1a#.splitserve.worker.GenerateResponse0\x01\x12G\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a\x1d.splitserve.worker.AbortReply\x12K\n\x06Status\x12 .splitserve.worker.StatusRequest\x1a\x1f.splitserve.worker.WorkerStatus\x12L\n\nRenewLease\x12\x1f.splitserve.worker.LeaseRequest\x1a\x1d.splitserve.worker.LeaseReply2\x86\x02\n\rPrefillWorker\x12_\n\rRemotePrefill\x12\'.splitserve.worker.RemotePrefillRequest\x1a%.splitserve.worker.RemotePrefillReply\x12G\n\x05\x41\x62ort\x12\x1f.splitserve.worker.AbortRequest\x1a\x1d.splitserve.worker.AbortReply\x12K\n\x06Status\x12 .splitserve.worker.StatusRequest\x1a\x1f.splitserve.worker.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.proto.worker_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS']._serialized_start=51
-  _globals['_SAMPLINGPARAMS']._serialized_end=472
-  _globals['_PREFILLTARGET']._serialized_start=474
-  _globals['_PREFILLTARGET']._serialized_end=525
-  _globals['_GENERATEREQUEST']._serialized_start=528
-  _globals['_GENERATEREQUEST']._serialized_end=729
-  _globals['_TOPLOGPROB']._serialized_start=731
-  _globals['_TOPLOGPROB']._serialized_end=778
-  _globals['_TOKENLOGPROBS']._serialized_start=780
-  _globals['_TOKENLOGPROBS']._serialized_end=856
-  _globals['_GENERATERESPONSE']._serialized_start=859
-  _globals['_GENERATERESPONSE']._serialized_end=1091
-  _globals['_REMOTEPREFILLREQUEST']._serialized_start=1094
-  _globals['_REMOTEPREFILLREQUEST']._serialized_end=1345
-  _globals['_REMOTEPREFILLREPLY']._serialized_start=1347
-  _globals['_REMOTEPREFILLREPLY']._serialized_end=1443
-  _globals['_ABORTREQUEST']._serialized_start=1445
-  _globals['_ABORTREQUEST']._serialized_end=1479
-  _globals['_ABORTREPLY']._serialized_start=1481
-  _globals['_ABORTREPLY']._serialized_end=1508
-  _globals['_LEASEREQUEST']._serialized_start=1510
-  _globals['_LEASEREQUEST']._serialized_end=1545
-  _globals['_LEASEREPLY']._serialized_start=1547
-  _globals['_LEASEREPLY']._serialized_end=1576
-  _globals['_STATUSREQUEST']._serialized_start=1578
-  _globals['_STATUSREQUEST']._serialized_end=1593
-  _globals['_WORKERSTATUS']._serialized_start=1596
-  _globals['_WORKERSTATUS']._serialized_end=2176
-  _globals['_DECODEWORKER']._serialized_start=2179
-  _globals['_DECODEWORKER']._serialized_end=2508
-  _globals['_PREFILLWORKER']._serialized_start=2511
-  _globals['_PREFILLWORKER']._serialized_end=2773
+  _globals['_SAMPLINGPARAMS']._serialized_end=503
+  _globals['_PREFILLTARGET']._serialized_start=505
+  _globals['_PREFILLTARGET']._serialized_end=556
+  _globals['_GENERATEREQUEST']._serialized_start=559
+  _globals['_GENERATEREQUEST']._serialized_end=760
+  _globals['_TOPLOGPROB']._serialized_start=762
+  _globals['_TOPLOGPROB']._serialized_end=809
+  _globals['_TOKENLOGPROBS']._serialized_start=811
+  _globals['_TOKENLOGPROBS']._serialized_end=887
+  _globals['_GENERATERESPONSE']._serialized_start=890
+  _globals['_GENERATERESPONSE']._serialized_end=1122
+  _globals['_REMOTEPREFILLREQUEST']._serialized_start=1125
+  _globals['_REMOTEPREFILLREQUEST']._serialized_end=1376
+  _globals['_REMOTEPREFILLREPLY']._serialized_start=1378
+  _globals['_REMOTEPREFILLREPLY']._serialized_end=1474
+  _globals['_ABORTREQUEST']._serialized_start=1476
+  _globals['_ABORTREQUEST']._serialized_end=1510
+  _globals['_ABORTREPLY']._serialized_start=1512
+  _globals['_ABORTREPLY']._serialized_end=1539
+  _globals['_LEASEREQUEST']._serialized_start=1541
+  _globals['_LEASEREQUEST']._serialized_end=1576
+  _globals['_LEASEREPLY']._serialized_start=1578
+  _globals['_LEASEREPLY']._serialized_end=1607
+  _globals['_STATUSREQUEST']._serialized_start=1609
+  _globals['_STATUSREQUEST']._serialized_end=1624
+  _globals['_WORKERSTATUS']._serialized_start=1627
+  _globals['_WORKERSTATUS']._serialized_end=2207
+  _globals['_DECODEWORKER']._serialized_start=2210
+  _globals['_DECODEWORKER']._serialized_end=2539
+  _globals['_PREFILLWORKER']._serialized_start=2542
+  _globals['_PREFILLWORKER']._serialized_end=2804
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,7 @@ def wait_pools_full(cluster: LocalCluster, timeout: float = 30.0) -> dict[str, p
     """Every live worker idle with its whole KV pool free and consistent bookkeeping."""
     deadline = time.monotonic() + timeout
     while True:
-        live = [w for w in cluster.workers if w.alive()]
+        live = [w for w in cluster.workers if w.alive() and w.info is not None]  # not mid-restart
         statuses = {w.worker_id: status(cluster, w) for w in live}
         idle = all(
             s.num_free_blocks == s.num_total_blocks and s.num_running == 0 and s.num_waiting == 0

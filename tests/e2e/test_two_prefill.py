@@ -38,7 +38,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     # short prefill steps: the workers renew a lease between steps, and a CPU core computes a
     # 256-token chunk well within the default 10 s lease
     config = make_config(str(DEPLOY), router={"disagg_threshold": 0}, max_model_len=1024,
-                         kv_cache_memory="128MiB", prefill={"chunk_size": 256})
+                         kv_cache_memory="128MiB", prefill={"chunk_size": 256},
+                         supervision={"restart_workers": False})  # the killed worker stays down here
     assert config.prefill.replicas == 2
     with running_cluster(config, tmp_path_factory.mktemp("logs")) as c:
         yield c
