@@ -69,3 +69,6 @@ register_transport(TransportSpec(
     "nixl", "kvtransfer.nixl_backend", "NixlTransport", probe="nixl._api", requirement="nixl>=0.6"
 ))
 register_transport(TransportSpec("tcp", "kvtransfer.tcp_backend", "TcpTransport"))
+register_transport(TransportSpec(
+    "ucxx", "kvtransfer.ucxx_backend", "UcxxTransport", probe="ucxx._lib.libucxx", requirement="ucxx-cu12>=0.45"
+))

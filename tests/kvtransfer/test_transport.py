@@ -34,7 +34,7 @@ from protocol import kv_handshake as handshake
 from tests.kvtransfer import peer_process
 from tests.kvtransfer.peer_process import PeerSpec
 
-BACKENDS = ["nixl", "tcp"]
+BACKENDS = ["nixl", "tcp", "ucxx"]
 TIMEOUT = 30.0  # generous ceiling for one command; the whole file runs in seconds
 
 
