@@ -72,3 +72,6 @@ register_transport(TransportSpec("tcp", "kvtransfer.tcp_backend", "TcpTransport"
 register_transport(TransportSpec(
     "ucxx", "kvtransfer.ucxx_backend", "UcxxTransport", probe="ucxx._lib.libucxx", requirement="ucxx-cu12>=0.45"
 ))
+register_transport(TransportSpec(
+    "mpi", "kvtransfer.mpi_backend", "MpiTransport", probe="mpi4py", requirement="mpi4py>=4.0 mpich"
+))

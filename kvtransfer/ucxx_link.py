@@ -92,7 +92,10 @@ class ProgressEngine:
         self._ctrl_req = None
 
     # ------------------------------------------------------------------ on the progress thread
-    def connect(self, address: bytes, link: int) -> Any:
+    def pool_device(self, is_cuda: bool) -> None:
+        """UCX moves host and device memory alike: nothing to set up."""
+
+    def connect(self, address: bytes, link: int, hello: dict[str, Any] | None) -> Any:
         """An endpoint to a peer's worker; its failure is reported as ``on_endpoint_error(link)``."""
         ep = ucx.UCXEndpoint.create_from_worker_address(
             self._worker, ucx.UCXAddress.create_from_buffer(address), True
@@ -110,7 +113,7 @@ class ProgressEngine:
     def send(self, ep: Any, link: int, slot0: int, views: Sequence[Any]) -> list[Any]:
         return [ep.tag_send(Array(v), ucx.UCXXTag(wire.data_tag(link, slot0 + i))) for i, v in enumerate(views)]
 
-    def recv(self, link: int, slot0: int, views: Sequence[Any]) -> list[Any]:
+    def recv(self, ep: Any, link: int, slot0: int, views: Sequence[Any]) -> list[Any]:
         return [self._worker.tag_recv(Array(v), ucx.UCXXTag(wire.data_tag(link, slot0 + i)))
                 for i, v in enumerate(views)]
 
