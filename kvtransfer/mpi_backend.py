@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvtransfer.tagged_transport import TaggedTransport
+from kvtransfer.ucx_env import bind_ucx_to
 
 
 class MpiTransport(TaggedTransport):
@@ -21,6 +22,7 @@ class MpiTransport(TaggedTransport):
     name = "mpi"
 
     def _make_engine(self) -> Any:
+        bind_ucx_to(self.options.host)  # the wheel's MPICH runs over UCX (ch4:ucx): same exposure rule
         from kvtransfer.mpi_link import MpiEngine  # initializes MPI (thread level: multiple)
 
         return MpiEngine(self.agent_name, self._on_control, self._on_ep_error)
