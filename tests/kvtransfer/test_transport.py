@@ -356,9 +356,9 @@ def test_cuda_pools(backend: str) -> None:
 
 
 def test_unknown_backend_is_a_clear_error() -> None:
-    with pytest.raises(UnknownTransportError, match="known transports: mpi, nixl, tcp, ucxx"):
+    with pytest.raises(UnknownTransportError, match="known transports: mpi, nccl, nixl, tcp, ucxx"):
         create_transport("infiniband-magic", "a")
-    assert {"mpi", "nixl", "tcp", "ucxx"} <= set(known_transports())
+    assert {"mpi", "nccl", "nixl", "tcp", "ucxx"} <= set(known_transports())
 
 
 def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
