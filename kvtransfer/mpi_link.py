@@ -43,7 +43,7 @@ from kvtransfer.errors import KVTransferError, ProtocolError  # noqa: E402
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CTRL_SLOT = 0xFFFFF
-WORLD_ENV = "SPLITSERVE_MPI_WORLD"  # set by the MPI launcher: one id for every rank of the job
+WORLD_ENV = "SPLITSERVE_MPI_WORLD"  # set by cluster.mpi_launcher: one id for every rank of the job
 _BUSY_WAIT_S, _IDLE_WAIT_S = 50e-6, 0.02
 _world: str | None = None
 

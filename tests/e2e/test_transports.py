@@ -4,7 +4,8 @@ the same greedy tokens as the offline `LLM`.
 
 ``disagg_threshold: 0`` sends every prompt through the prefill worker, so the KV of each
 answer crossed the transport under test (the prefill worker's counter shows it ran the prompt).
-One cluster per backend (module-scoped, parametrized): a few short prompts each.
+One cluster per backend (module-scoped, parametrized): a few short prompts each. ``mpi``
+connects ranks of one MPI job, so its cluster runs through the mpi launcher (one ``mpiexec``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import pytest
 
 from cluster.config import load_config
 from engine.sampling_params import SamplingParams
-from splitserve.serve import LocalCluster
+from splitserve.serve import LocalCluster, launcher_factory
 from tests.e2e.harness import MODEL, client, make_config, running_cluster, status, wait_pools_full
 
 pytestmark = pytest.mark.slow
 
-CPU_BACKENDS = ["nixl", "tcp", "ucxx"]
+CPU_BACKENDS = ["nixl", "tcp", "ucxx", "mpi"]
 PROMPTS = [
     "Here is a short story about a lighthouse keeper who found a bottle on the beach. It said",
     " ".join(f"Item {i} costs {3 * i} dollars." for i in range(12)) + " The total of items 1 and 2 is",
@@ -31,8 +32,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="module", params=CPU_BACKENDS)
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    config = make_config(None, kvtransfer={"backend": request.param}, router={"disagg_threshold": 0})
-    with running_cluster(config, tmp_path_factory.mktemp(f"logs-{request.param}")) as c:
+    backend = request.param
+    config = make_config(None, kvtransfer={"backend": backend}, router={"disagg_threshold": 0})
+    logs = tmp_path_factory.mktemp(f"logs-{backend}")
+    launcher = launcher_factory("mpi" if backend == "mpi" else "local", logs)
+    with running_cluster(config, logs, make_launcher=launcher) as c:
         yield c
 
 
