@@ -74,5 +74,5 @@ register_transport(TransportSpec(
 ))
 register_transport(TransportSpec("nccl", "kvtransfer.nccl_backend", "NcclTransport"))  # CuPy: lazily
 register_transport(TransportSpec(
-    "mpi", "kvtransfer.mpi_backend", "MpiTransport", probe="mpi4py", requirement="mpi4py>=4.0 mpich"
+    "mpi", "kvtransfer.mpi_backend", "MpiTransport", probe="mpi4py", requirement="mpi4py>=4.0"
 ))
