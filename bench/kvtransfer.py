@@ -1,7 +1,13 @@
 """KV push bandwidth between two processes, per transport and device.
 
-    python bench/kvtransfer.py --backend nixl --device cuda [--blocks 256] [--iters 10]
-    python bench/kvtransfer.py --backend tcp --device cpu --blocks 64
+    python -m bench.kvtransfer --backend nixl --device cuda [--blocks 256] [--iters 10]
+    python -m bench.kvtransfer --backend nixl,ucxx,mpi,nccl,tcp --device cuda   # one table
+    python -m bench.kvtransfer --backend tcp,ucxx,mpi --device cpu --quick       # CI smoke run
+
+Several backends run one after the other on the same block layout; one that cannot run here
+(package missing, nccl without GPUs) is listed with the reason instead of failing the run.
+``mpi`` runs its two sides as ranks of one ``mpiexec`` job (`bench.kvtransfer_mpi`).
+``--quick`` pushes a few blocks twice and writes JSON only where ``--json`` says.
 
 Layout of Llama-3.1-8B (32 layers, 8 KV heads, d=128, blocks of 16 tokens, bf16): one block
 is 64 KiB per layer, 2 MiB across layers. A prefill process (this one) pushes ``--blocks``
@@ -19,8 +25,10 @@ The destination bytes are checked against the source after the timed loop.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -85,14 +93,17 @@ def block_ids(n: int, run: int, num_blocks: int, rng: np.random.Generator) -> tu
     return src, dst
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, conn: Any = None) -> dict[str, Any]:
+    """Time the pushes; the receiver is a spawned process, or the rank behind ``conn`` (mpi)."""
     src_device = _device(args.device, args.src_index)
     dst_device = _device(args.device, args.dst_index)
     num_blocks = args.blocks + 16
-    ctx = mp.get_context("spawn")
-    conn, child = ctx.Pipe()
-    proc = ctx.Process(target=receiver, args=(args.backend, dst_device, num_blocks, child), daemon=True)
-    proc.start()
+    proc = None
+    if conn is None:
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        proc = ctx.Process(target=receiver, args=(args.backend, dst_device, num_blocks, child), daemon=True)
+        proc.start()
     if src_device.startswith("cuda"):
         torch.cuda.set_device(torch.device(src_device))
     pool = KVCachePool(llama8b_layout(num_blocks), src_device)
@@ -139,7 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     local_sum = checksum(pool.kv[:, torch.as_tensor(src)])
     ok = all(abs(a - b) <= 1e-5 * local_sum[1] for a, b in zip(remote_sum, local_sum))
     transport.close()
-    proc.join(30)
+    if proc is not None:
+        proc.join(30)
     print_table(rows, ["mode", "blocks", "descriptors", "median_ms", "best_ms", "median_GBps", "best_GBps"])
     print(f"destination checksum {'matches' if ok else 'DIFFERS'}; notifications received: {notes}")
     if not ok:
@@ -152,9 +164,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="nixl")
+    p.add_argument("--backend", default="nixl", help="a backend or a comma-separated list")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
     p.add_argument("--blocks", type=int, default=256, help="blocks pushed per request (x16 tokens)")
@@ -164,16 +176,56 @@ def main() -> None:
     p.add_argument("--src-index", type=int, default=0, help="CUDA device of the sender")
     p.add_argument("--dst-index", type=int, default=0, help="CUDA device of the receiver")
     p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 blocks, 2 iterations, no bench/results file")
+    p.add_argument("--json", type=Path, help="also write the combined result here")
     p.add_argument("--out", type=Path, action="append", default=[], help="extra folder for the JSON")
     p.add_argument("--commit", help="record this commit (a device copy of the tree has no .git)")
-    args = p.parse_args()
-    print(f"kvtransfer bench: {args.backend} on {args.device}, {args.blocks} blocks "
-          f"({args.blocks * 2} MiB per push)", flush=True)
-    payload = run(args)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.blocks, args.iters = min(args.blocks, 4), min(args.iters, 2)
+    return args
+
+
+def run_backend(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """One backend's result, or ``{"backend", "skipped": reason}`` when it cannot run here."""
+    from kvtransfer.errors import KVTransferError
+
+    try:
+        if args.backend == "mpi":
+            from bench.kvtransfer_mpi import run_pair
+
+            return run_pair([*argv, "--backend", "mpi"], timeout=args.timeout * 4)
+        return run(args)
+    except (KVTransferError, ImportError, RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"  {args.backend}: skipped ({exc})", flush=True)
+        return {"backend": args.backend, "skipped": str(exc).splitlines()[0]}
+
+
+def main() -> None:
+    args = parse_args()
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    argv = [a for a in sys.argv[1:]]
+    argv = [a for i, a in enumerate(argv) if a != "--backend" and (i == 0 or argv[i - 1] != "--backend")]
+    results = []
+    for backend in backends:
+        print(f"kvtransfer bench: {backend} on {args.device}, {args.blocks} blocks "
+              f"({args.blocks * 2} MiB per push)", flush=True)
+        results.append(run_backend(argparse.Namespace(**{**vars(args), "backend": backend}), argv))
+    summary = [{"backend": r["backend"], "mode": row["mode"], "median_GBps": row["median_GBps"],
+                "best_GBps": row["best_GBps"], "descriptors": row["descriptors"]}
+               for r in results for row in r.get("rows", [])]
+    print_table(summary, ["backend", "mode", "descriptors", "median_GBps", "best_GBps"])
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['backend']}: skipped ({r['skipped']})")
+    payload = {"backends": backends, "device": args.device, "blocks": args.blocks, "results": results}
     if args.commit:
         payload["commit"] = args.commit
-    path = save_result(f"kvtransfer-{args.backend}-{args.device}", payload, args.out)
-    print(f"wrote {path}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(payload, indent=1))
+    if not args.quick:
+        path = save_result(f"kvtransfer-{'-'.join(backends)}-{args.device}", payload, args.out)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -294,6 +294,8 @@ class ClusterConfig(_Section):
             raise _field_error("prefill.chunk_size", f"must be a multiple of block_size ({self.block_size})")
         if self.device == "cpu" and self.dtype == "float16":
             raise _field_error("dtype", "float16 is not supported on cpu; use float32 or bfloat16")
+        if self.device == "cpu" and self.kvtransfer.backend == "nccl":
+            raise _field_error("kvtransfer.backend", "nccl moves GPU memory only (device is cpu); use tcp, ucxx or mpi")
         return self
 
     def check_runs_here(self) -> None:

@@ -4,8 +4,8 @@ Backends are imported lazily, so a worker configured for ``tcp`` never needs NIX
 and a missing package shows up at start-up as `TransportUnavailableError` with the pip
 requirement to install, not as an ImportError in the middle of the first request.
 
-Planned entries (same interface, not implemented yet): ``ucx`` (ucxx, ``ucxx-cu12``),
-``nccl`` (cupy, ``cupy-cuda12x``), ``mpi`` (``mpi4py``).
+Backends: ``nixl``, ``tcp``, ``ucxx`` (``ucxx-cu12``), ``mpi`` (``mpi4py`` + the ``mpich``
+wheel) and ``nccl`` (GPU only; CuPy, ``cupy-cuda12x``, imported when one is created).
 """
 
 from __future__ import annotations
@@ -69,3 +69,10 @@ register_transport(TransportSpec(
     "nixl", "kvtransfer.nixl_backend", "NixlTransport", probe="nixl._api", requirement="nixl>=0.6"
 ))
 register_transport(TransportSpec("tcp", "kvtransfer.tcp_backend", "TcpTransport"))
+register_transport(TransportSpec(
+    "ucxx", "kvtransfer.ucxx_backend", "UcxxTransport", probe="ucxx._lib.libucxx", requirement="ucxx-cu12>=0.45"
+))
+register_transport(TransportSpec("nccl", "kvtransfer.nccl_backend", "NcclTransport"))  # CuPy: lazily
+register_transport(TransportSpec(
+    "mpi", "kvtransfer.mpi_backend", "MpiTransport", probe="mpi4py", requirement="mpi4py>=4.0"
+))

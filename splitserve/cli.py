@@ -81,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return serve(args.config, overrides)
+    return serve(args.config, overrides, launcher=args.launcher)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any config field, e.g. --set decode.max_num_seqs=32 (repeatable)")
     s.add_argument("--quiet", action="store_true", help="no per-request log line (router.log_requests: false)")
+    s.add_argument("--launcher", choices=["local", "mpi"], default="local",
+                   help="local: a process per worker; mpi: every worker a rank of one mpiexec job")
     s.set_defaults(func=_cmd_serve)
     return p
 

@@ -305,7 +305,25 @@ class LocalCluster:
             log.log(level, message)
 
 
-def serve(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> int:
+def launcher_factory(name: str, log_dir: str | Path | None = None) -> LauncherFactory | None:
+    """``local`` (None: `LocalCluster`'s default) or ``mpi`` (one ``mpiexec`` job, `cluster.mpi_launcher`)."""
+    if name == "local":
+        return None
+    if name == "mpi":
+        from cluster.mpi_launcher import MpiLauncher
+
+        return lambda token, extra: MpiLauncher(token, env={**os.environ, **extra}, log_dir=log_dir)
+    raise ConfigError(f"--launcher: unknown launcher {name!r}; choose local or mpi")
+
+
+def check_launcher(config: ClusterConfig, launcher: str) -> None:
+    """The mpi transport reaches peers by rank: only workers of one MPI job can use it."""
+    if config.kvtransfer.backend == "mpi" and launcher != "mpi":
+        raise ConfigError("kvtransfer.backend: mpi connects ranks of one MPI job; start with --launcher mpi")
+
+
+def serve(config_path: str | Path | None, overrides: Mapping[str, Any] | None = None,
+          launcher: str = "local") -> int:
     """The ``splitserve serve`` command: start, print where the router listens and ``ready``,
     run until SIGINT/SIGTERM, stop everything. Returns the exit code.
 
@@ -321,10 +339,12 @@ def serve(config_path: str | Path | None, overrides: Mapping[str, Any] | None = 
         if (warning := exposure_warning(config)) is not None:
             print(f"splitserve: warning: {warning}", file=sys.stderr, flush=True)
         check_port_free(config.router.host, config.router.port)
+        check_launcher(config, launcher)
+        make_launcher = launcher_factory(launcher)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cluster = LocalCluster(config, out=sys.stderr)
+    cluster = LocalCluster(config, out=sys.stderr, make_launcher=make_launcher)
     try:  # a download is the one long step before anything runs: plain Ctrl-C may abort it
         cluster.model_path()
     except KeyboardInterrupt:

@@ -161,9 +161,17 @@ def test_failed_startup_leaves_nothing_but_its_logs(make_serve: MakeServe) -> No
 
 
 def test_unavailable_transport_is_refused_before_anything_starts(make_serve: MakeServe) -> None:
+    serve = make_serve("kvtransfer:\n  backend: infiniband\n")
+    assert serve.proc.wait(timeout=120) == 2, serve.stderr()
+    available = "available: mpi, nccl, nixl, tcp, ucxx"
+    assert f"kvtransfer.backend: 'infiniband' is not an available transport; {available}" in serve.stderr()
+    assert "starting" not in serve.stderr() and not serve.marked()
+
+
+def test_mpi_transport_without_the_mpi_launcher_is_refused(make_serve: MakeServe) -> None:
     serve = make_serve("kvtransfer:\n  backend: mpi\n")
     assert serve.proc.wait(timeout=120) == 2, serve.stderr()
-    assert "kvtransfer.backend: 'mpi' is not an available transport; available: nixl, tcp" in serve.stderr()
+    assert "kvtransfer.backend: mpi connects ranks of one MPI job; start with --launcher mpi" in serve.stderr()
     assert "starting" not in serve.stderr() and not serve.marked()
 
 

@@ -39,7 +39,7 @@ def _loopback(ip: str) -> bool:
     return (mapped or addr).is_loopback
 
 
-@pytest.mark.parametrize("backend", ["nixl", "tcp"])
+@pytest.mark.parametrize("backend", ["nixl", "tcp", "ucxx", "mpi"])
 def test_loopback_host_listens_on_loopback_only(backend: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}
     env["PYTHONPATH"] = str(ROOT)

@@ -19,7 +19,7 @@ IDLE_S = 3.0
 BUDGET = 0.02  # of one core
 
 
-@pytest.mark.parametrize("backend", ["nixl", "tcp"])
+@pytest.mark.parametrize("backend", ["nixl", "tcp", "ucxx", "mpi"])
 def test_connected_idle_transports_use_no_cpu(backend: str) -> None:
     a, _ = make_endpoint(PeerSpec(backend, "prefill-idle", num_blocks=8, seed=1))
     b, _ = make_endpoint(PeerSpec(backend, "decode-idle", num_blocks=8, seed=2))

@@ -1,4 +1,4 @@
-"""Both backends, same tests: two real worker processes, each with its own `KVCachePool`.
+"""Every backend, same tests: two real worker processes, each with its own `KVCachePool`.
 
 The pools differ in size (16 vs 24 blocks, so layer strides differ) and hold different random
 data; every transfer is checked byte for byte on the destination, and everything else in
@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -32,9 +33,10 @@ from kvtransfer import (
 from kvtransfer.registry import TransportSpec, register_transport, unregister_transport
 from protocol import kv_handshake as handshake
 from tests.kvtransfer import peer_process
+from tests.kvtransfer.mpi_peers import RankProcess, start_mpi_ranks
 from tests.kvtransfer.peer_process import PeerSpec
 
-BACKENDS = ["nixl", "tcp"]
+BACKENDS = ["nixl", "tcp", "ucxx", "mpi"]
 TIMEOUT = 30.0  # generous ceiling for one command; the whole file runs in seconds
 
 
@@ -47,18 +49,24 @@ class RemoteError(Exception):
 class Peer:
     """Test-side handle of one worker process."""
 
-    def __init__(self, spec: PeerSpec) -> None:
+    def __init__(self, spec: PeerSpec, rank: tuple[Connection, RankProcess] | None = None) -> None:
         self.spec = spec
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_process.run, args=(spec, child), daemon=True)
-        self.proc.start()
+        self.proc: Any
+        if rank is None:
+            ctx = mp.get_context("spawn")
+            self.conn, child = ctx.Pipe()
+            self.proc = ctx.Process(target=peer_process.run, args=(spec, child), daemon=True)
+            self.proc.start()
+        else:  # a rank of an MPI job (`mpi_peers`): the mpi backend connects ranks of one job
+            self.conn, self.proc = rank
         self.metadata = b""
         self.pid = 0
 
     def ready(self) -> Peer:
         assert self.conn.poll(TIMEOUT), f"{self.spec.agent} did not start"
         _, self.metadata, self.pid = self.conn.recv()
+        if isinstance(self.proc, RankProcess):
+            self.proc.pid = self.pid
         return self
 
     def call(self, cmd: str, *args: Any, timeout: float = TIMEOUT) -> Any:
@@ -80,8 +88,13 @@ class Peer:
 
 
 def start_pair(backend: str, device: str = "cpu") -> tuple[Peer, Peer]:
-    prefill = Peer(PeerSpec(backend, "prefill-0", num_blocks=16, seed=1, device=device))
-    decode = Peer(PeerSpec(backend, "decode-0", num_blocks=24, seed=2, device=device))
+    specs = [PeerSpec(backend, "prefill-0", num_blocks=16, seed=1, device=device),
+             PeerSpec(backend, "decode-0", num_blocks=24, seed=2, device=device)]
+    if backend == "mpi":
+        conns, procs = start_mpi_ranks(specs)
+        prefill, decode = (Peer(s, (c, p)) for s, c, p in zip(specs, conns, procs))
+    else:
+        prefill, decode = Peer(specs[0]), Peer(specs[1])
     prefill.ready(), decode.ready()
     assert prefill.call("add_peer", decode.metadata) == "decode-0"
     assert decode.call("add_peer", prefill.metadata) == "prefill-0"
@@ -275,17 +288,13 @@ def freeze(pid: int) -> None:
     raise AssertionError(f"process {pid} did not stop")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_hung_then_dead_peer(backend: str) -> None:
-    """A decode worker that freezes right after the handshake (stuck process, paused
-    container), later resumes, and finally dies.
+def freeze_then_resume(prefill: Peer, decode: Peer) -> None:
+    """Freeze decode right after the handshake (stuck process, paused container), push, resume.
 
     While it is frozen the push cannot complete: TCP needs its ack, NIXL needs it to accept
     the UCX connection (wire-up happens on the first transfer). `wait` must give up on time
     and the handle stay valid: once the peer resumes, the same transfer lands and notifies.
-    A dead peer fails the next transfer instead of hanging it, and close still returns fast.
     """
-    prefill, decode = start_pair(backend)
     src0, dst0 = prefill.call("snapshot"), decode.call("snapshot")
     local, remote = list(range(16)), list(range(24))[::-1][:16]
     freeze(decode.pid)
@@ -302,6 +311,13 @@ def test_hung_then_dead_peer(backend: str) -> None:
     assert decode.call("wait_notification", 10.0)[:2] == ("prefill-0", b"late")
     assert torch.equal(decode.call("snapshot"), expected_after(dst0, src0, local, remote, None))
 
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "mpi"])
+def test_hung_then_dead_peer(backend: str) -> None:
+    """A decode worker that freezes, later resumes, and finally dies: a dead peer fails the
+    next transfer instead of hanging it, and close still returns fast."""
+    prefill, decode = start_pair(backend)
+    freeze_then_resume(prefill, decode)
     decode.proc.kill()
     decode.proc.join(TIMEOUT)
     time.sleep(0.2)
@@ -310,6 +326,16 @@ def test_hung_then_dead_peer(backend: str) -> None:
         prefill.call("wait", info["id"], 10.0)
     assert err.value.kind == "TransferFailedError"
     assert prefill.close() < 5.0
+
+
+def test_mpi_hung_peer_resumes() -> None:
+    """The frozen half only: MPI is not fault tolerant, a rank's death ends its job (MPICH and
+    mpiexec take the other ranks down), so there is no surviving peer to fail a transfer; the
+    decode side's leases are what protect memory from a stalled prefill rank."""
+    prefill, decode = start_pair("mpi")
+    freeze_then_resume(prefill, decode)
+    for peer in (prefill, decode):
+        assert peer.close() < 5.0
 
 
 @pytest.mark.gpu
@@ -330,9 +356,9 @@ def test_cuda_pools(backend: str) -> None:
 
 
 def test_unknown_backend_is_a_clear_error() -> None:
-    with pytest.raises(UnknownTransportError, match="known transports: nixl, tcp"):
+    with pytest.raises(UnknownTransportError, match="known transports: mpi, nccl, nixl, tcp, ucxx"):
         create_transport("infiniband-magic", "a")
-    assert {"nixl", "tcp"} <= set(known_transports())
+    assert {"mpi", "nccl", "nixl", "tcp", "ucxx"} <= set(known_transports())
 
 
 def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -340,9 +366,9 @@ def test_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "nixl._api", None)
     with pytest.raises(TransportUnavailableError, match=r"pip install 'nixl>=0\.6'"):
         create_transport("nixl", "a")
-    register_transport(TransportSpec("mpi", "kvtransfer.mpi_backend", "MpiTransport", "no_mpi4py", "mpi4py"))
+    register_transport(TransportSpec("mpi-missing", "kvtransfer.mpi_backend", "MpiTransport", "no_mpi4py", "mpi4py"))
     try:
         with pytest.raises(TransportUnavailableError, match="mpi4py"):
-            create_transport("mpi", "a")
+            create_transport("mpi-missing", "a")
     finally:
-        unregister_transport("mpi")
+        unregister_transport("mpi-missing")
