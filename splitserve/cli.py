@@ -4,6 +4,8 @@
     splitserve generate "prompt"      offline generation with the engine (one process)
     splitserve serve [--config FILE] [--host H] [--port P] [--model M] [--api-key K] [--set K=V] [--quiet]
                                       the local disaggregated cluster behind the router
+    splitserve up CONFIG [--address auto|ray://HOST:10001] [--dry-run]
+                                      the cluster on Ray Serve (docs/ray.md); also scale, status, down
     splitserve --version
 """
 
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="any config field, e.g. --set decode.max_num_seqs=32 (repeatable)")
     s.add_argument("--quiet", action="store_true", help="no per-request log line (router.log_requests: false)")
     s.set_defaults(func=_cmd_serve)
+
+    from splitserve.ray_deploy import cli as ray_cli  # up / scale / status / down
+
+    ray_cli.add_commands(sub)
     return p
 
 
