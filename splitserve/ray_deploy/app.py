@@ -100,14 +100,20 @@ def build_app(args: dict[str, Any]) -> Application:
     return router.bind(config.to_dict(), token, redis_url, ttl, *pools)  # pools: part of the app's graph
 
 
-def _pool_deployment(config: ClusterConfig, placement: PoolPlacement, opts: dict[str, Any]) -> Any:
+def placement_options(placement: PoolPlacement) -> dict[str, Any]:
+    """Serve options reserving one placement group per replica (a bundle per rank); the replica
+    actor itself takes bundle 0 (GPU ids then come from Ray: ``CUDA_VISIBLE_DEVICES``)."""
     bundle0 = placement.bundles[0]
     actor = {"num_cpus": bundle0.get("CPU", 0.0), "num_gpus": bundle0.get("GPU", 0.0),
              "resources": {k: v for k, v in bundle0.items() if k not in ("CPU", "GPU")}}
+    return {"placement_group_bundles": [dict(b) for b in placement.bundles],
+            "placement_group_strategy": placement.strategy, "ray_actor_options": actor}
+
+
+def _pool_deployment(config: ClusterConfig, placement: PoolPlacement, opts: dict[str, Any]) -> Any:
     return serve.deployment(WorkerReplica).options(
-        name=placement.pool, **_replica_override(config, placement.pool),
-        placement_group_bundles=[dict(b) for b in placement.bundles], placement_group_strategy=placement.strategy,
-        ray_actor_options=actor, max_ongoing_requests=4,
+        name=placement.pool, **_replica_override(config, placement.pool), **placement_options(placement),
+        max_ongoing_requests=4,
         health_check_period_s=opts["health_check_period_s"], health_check_timeout_s=opts["health_check_timeout_s"],
         graceful_shutdown_timeout_s=float(opts["drain_timeout_s"]) + 30.0, graceful_shutdown_wait_loop_s=0.5,
     )

@@ -185,7 +185,7 @@ def down(*, address: str | None = None, stop_ray: bool = False, out: TextIO = sy
     return 0
 
 
-def status(*, address: str | None = None, out: TextIO = sys.stdout) -> int:
+def status(*, address: str | None = None, out: TextIO | None = None) -> int:
     """Print the replica table (``splitserve status``)."""
     from cluster.config import config_from_dict
     from splitserve.ray_deploy.connect import connect
@@ -206,5 +206,5 @@ def status(*, address: str | None = None, out: TextIO = sys.stdout) -> int:
     details = _details()
     gpus = {p: getattr(config, p).tp * getattr(config, p).pp if config.device == "cuda" else 0
             for p in POOL_DEPLOYMENTS}
-    render(collect_rows(details, token, redis_url, gpus), router_replicas(details), out)
+    render(collect_rows(details, token, redis_url, gpus), router_replicas(details), out or sys.stdout)
     return 0

@@ -4,7 +4,6 @@ with the worker's own report (gRPC ``Status``: queue, KV use, throughput) by wor
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -77,7 +76,7 @@ def router_replicas(details: dict[str, Any]) -> int:
     return sum(1 for r in dep.get("replicas", []) if r["state"] == "RUNNING")
 
 
-def render(rows: list[ReplicaRow], routers: int, out: TextIO = sys.stdout) -> None:
+def render(rows: list[ReplicaRow], routers: int, out: TextIO) -> None:
     head = ("pool", "replica", "node", "GPUs", "state", "queue", "KV use", "tokens/s")
     table = [head] + [(r.pool, r.replica, r.node, str(r.gpus), r.state,
                        "-" if r.queue is None else str(r.queue),
