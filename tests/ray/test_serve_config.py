@@ -73,3 +73,9 @@ def test_pool_policy_sizes_the_pool_from_the_workers_load() -> None:
     assert policy(_ctx([20.0, 14.0], 2))[0] == 5  # 34 sequences / 8 per replica
     assert policy(_ctx([1.0, 0.0, 0.0], 3))[0] == 1
     assert policy(_ctx(None, 3))[0] == 3  # no report yet: keep the size
+
+
+def test_kuberay_manifest_carries_the_current_dry_run_output() -> None:
+    manifest = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert embedded == serve_config(load_config(ROOT / "deploy/kuberay/cluster.yaml"))
