@@ -7,7 +7,6 @@ Serve's controller and returns an exit code; `splitserve.cli` only dispatches he
 from __future__ import annotations
 
 import copy
-import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -63,15 +62,13 @@ def up(config_path: str | None, *, address: str | None = None, overrides: Mappin
 
 def _deploy(config: ClusterConfig, options: dict[str, Any], out: TextIO) -> int:
     from splitserve.ray_deploy.app import current_plan, serve_config
-    from splitserve.ray_deploy.control_plane_actor import ensure_control_plane
 
     plan = current_plan(config, options.get("accelerator"))  # PlacementError (a ConfigError) before any start
     for pool in POOL_DEPLOYMENTS:
         if pool in plan.pools and plan.pools[pool].replicas:
             p = plan.pools[pool]
             _say(out, f"{pool}: {p.replicas} group(s) of {p.world_size} x {p.bundles[0]} ({p.strategy})")
-    ensure_control_plane(config, secrets.token_urlsafe(32))  # a fresh token, unless this cluster runs already
-    cfg = serve_config(config, **options)
+    cfg = serve_config(config, **options)  # the builder starts the control-plane actor (and token)
     _apply(cfg)
     _say(out, f"deploying {APP_NAME} through Ray Serve (model {config.model_name})")
     if not wait_running(out=out):
@@ -87,6 +84,14 @@ def _apply(cfg: dict[str, Any]) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     client = serve_start(http_options=cfg["http_options"], proxy_location=cfg.get("proxy_location"))
+    running = client.get_serve_details().get("http_options") or {}
+    want = cfg["http_options"]
+    if (running.get("host"), running.get("port")) != (want["host"], want["port"]):
+        # Serve's HTTP options are fixed for the cluster while Serve runs: deploying anyway
+        # would leave the router on another port than the one printed
+        raise SplitserveError(
+            f"Serve already runs on this Ray cluster with its proxy on {running.get('host')}:{running.get('port')}; "
+            f"set router.host/router.port to that, or stop Serve (`serve shutdown`) first")
     client.deploy_apps(ServeDeploySchema.model_validate(cfg))
 
 
@@ -129,7 +134,7 @@ def deployed_config() -> dict[str, Any]:
     if app is None or not app.get("deployed_app_config"):
         raise SplitserveError(f"no {APP_NAME} application is deployed on this Ray cluster (run `splitserve up`)")
     return {"proxy_location": details.get("proxy_location"),
-            "http_options": {k: details["http_options"][k] for k in ("host", "port")},
+            "http_options": {k: (details.get("http_options") or {}).get(k) for k in ("host", "port")},
             "applications": [app["deployed_app_config"]]}
 
 

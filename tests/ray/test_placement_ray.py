@@ -16,6 +16,7 @@ from ray import serve
 
 from cluster.config import config_from_dict
 from cluster.placement import PlacementError, nodes_from_ray, plan_placement
+from cluster.redis_server import free_port
 from splitserve.ray_deploy import APP_NAME
 from splitserve.ray_deploy.app import placement_options
 from splitserve.ray_deploy.commands import up
@@ -43,6 +44,7 @@ def _deploy_probes(config: Any) -> dict[str, Any]:
     plan = plan_placement(config, nodes_from_ray(ray.nodes()), accelerator=FAKE_GPU)
     pools = [serve.deployment(Probe).options(name=p.pool, num_replicas=p.replicas, **placement_options(p)).bind()
              for p in plan.pools.values()]
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, proxy_location="HeadOnly")
     serve.run(Ingress.bind(*pools), name=PROBE_APP, route_prefix=None)
     return plan.pools
 
@@ -60,7 +62,7 @@ def _groups(pool: str) -> list[dict[str, str]]:
     return out
 
 
-def test_groups_are_strict_pack_on_one_node_and_spread(ray_cluster: Any) -> None:
+def test_groups_are_strict_pack_on_one_node_and_spread(ray_cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
     # 3 nodes x 4 fake GPUs: 2 prefill groups of 2 ranks, 1 decode group of 4 (the ray-8gpu shape)
     config = config_from_dict({"prefill": {"replicas": 2, "tp": 2}, "decode": {"replicas": 1, "tp": 4}})
     try:
@@ -74,8 +76,11 @@ def test_groups_are_strict_pack_on_one_node_and_spread(ray_cluster: Any) -> None
         assert all(decode_node not in g["nodes"] for g in prefill)  # the decode group fills its node
         used = set().union(*(g["nodes"] for g in prefill + decode))
         assert len(used) >= 2  # the pools do not share one node
+        # while Serve runs with other HTTP options, `up` refuses instead of serving elsewhere
+        assert up(None, overrides={"router.port": free_port()}, out=io.StringIO()) == 1
+        assert "Serve already runs on this Ray cluster with its proxy on 127.0.0.1:" in capsys.readouterr().err
     finally:
-        serve.delete(PROBE_APP)
+        serve.shutdown()  # Serve's HTTP options are cluster-wide: leave none set for the next test
 
 
 def test_group_larger_than_any_node_refused_on_the_live_cluster(ray_cluster: Any) -> None:
