@@ -37,6 +37,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+class AutoscalingPoolConfig(_Section):
+    """Replica bounds for a pool under Ray Serve (``splitserve up``): Serve resizes the pool
+    between them from the load the workers report (running + queued sequences per replica).
+    The local launcher ignores it: it runs ``replicas`` workers."""
+
+    min_replicas: int = Field(1, ge=0, description="fewest worker groups")
+    max_replicas: int = Field(1, ge=1, description="most worker groups")
+    target_load_per_replica: float = Field(
+        8.0, gt=0, description="running + queued sequences per replica that Serve aims at"
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="load above target this long before adding one")
+    downscale_delay_s: float = Field(60.0, ge=0, description="load below target this long before removing one")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingPoolConfig:
+        if self.min_replicas > self.max_replicas:
+            raise _field_error("min_replicas",
+                               f"must be <= max_replicas ({self.max_replicas}), got {self.min_replicas}")
+        return self
+
+
 class PrefillPoolConfig(_Section):
     """Compute-bound pool: runs prompts in chunks and pushes their KV to decode workers."""
 
@@ -51,6 +72,7 @@ class PrefillPoolConfig(_Section):
     max_queued_prompt_tokens: int = Field(
         0, ge=0, description="per worker: prompt tokens not yet computed beyond which it refuses more (0: no limit)"
     )
+    autoscaling: AutoscalingPoolConfig | None = Field(None, description="Ray Serve only: replica bounds")
 
     @model_validator(mode="after")
     def _chunk_fits_batch(self) -> PrefillPoolConfig:
@@ -74,12 +96,15 @@ class DecodePoolConfig(_Section):
     pp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1, description="expert-parallel ranks (MoE); must divide tp")
     max_num_seqs: int = Field(64, ge=1, description="sequences in one decode batch")
+    autoscaling: AutoscalingPoolConfig | None = Field(None, description="Ray Serve only: replica bounds")
 
     @model_validator(mode="after")
     def _ep_divides_tp(self) -> DecodePoolConfig:
         # experts are sharded over the tensor-parallel ranks of a stage, so EP cannot exceed TP
         if self.tp % self.ep:
             raise _field_error("ep", f"must divide tp ({self.tp}), got {self.ep}")
+        if self.autoscaling is not None and self.autoscaling.min_replicas < 1:
+            raise _field_error("autoscaling.min_replicas", "must be >= 1 for decode (decode always runs)")
         return self
 
     @property

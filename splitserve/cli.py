@@ -4,6 +4,8 @@
     splitserve generate "prompt"      offline generation with the engine (one process)
     splitserve serve [--config FILE] [--host H] [--port P] [--model M] [--api-key K] [--set K=V] [--quiet]
                                       the local disaggregated cluster behind the router
+    splitserve up CONFIG [--address auto|ray://HOST:10001] [--dry-run]
+                                      the cluster on Ray Serve (docs/ray.md); also scale, status, down
     splitserve --version
 """
 
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--launcher", choices=["local", "mpi"], default="local",
                    help="local: a process per worker; mpi: every worker a rank of one mpiexec job")
     s.set_defaults(func=_cmd_serve)
+
+    from splitserve.ray_deploy import cli as ray_cli  # up / scale / status / down
+
+    ray_cli.add_commands(sub)
     return p
 
 

@@ -308,4 +308,6 @@ def attach_worker_agent(
         cp.close()
 
     worker.on_stop(stop)
+    if hasattr(worker, "on_drain"):  # draining = leaving the registry for good while still serving
+        worker.on_drain(agent.stop)
     return agent

@@ -25,12 +25,15 @@ from pathlib import Path
 
 from protocol.grpc_auth import set_process_tls
 from protocol.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
+from worker_runtime.agent import PARENT_PID_ENV
 from worker_runtime.runtime import RunningWorker
 
 log = logging.getLogger("splitserve.worker")
 
 
 Starter = Callable[[WorkerSpec, str], RunningWorker]
+DRAIN_SIGNAL = signal.SIGUSR1
+"""Sent by a launcher that removes this worker (a Ray Serve scale-down): stop taking work, finish the rest."""
 
 
 def _write_ready(path: str, info: dict[str, object]) -> None:
@@ -44,9 +47,10 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
         import torch
 
         torch.set_num_threads(spec.num_threads)
-    stop = threading.Event()
+    stop, drain = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    signal.signal(DRAIN_SIGNAL, lambda *_: drain.set())
     set_process_tls(spec.grpc_tls())  # its clients (prefill peers, lease renewals) verify with the CA
     t0 = time.monotonic()
     log.info("starting %s worker: loading %s (%s on %s)", spec.role, spec.model, spec.dtype, spec.device)
@@ -57,10 +61,25 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
     if spec.ready_file:
         _write_ready(spec.ready_file, info)
     print("READY " + json.dumps(info), flush=True)
-    stop.wait()
+    _serve_until_stopped(worker, stop, drain)
     log.info("%s stopping", worker.worker_id)
     worker.stop()
     return 0
+
+
+def _serve_until_stopped(worker: RunningWorker, stop: threading.Event, drain: threading.Event) -> None:
+    """Wait for SIGTERM; a `DRAIN_SIGNAL` first makes the worker leave the control plane (its
+    agent, and with it the launcher watch, stop), so this loop watches the launcher itself then."""
+    parent = int(os.environ[PARENT_PID_ENV]) if os.environ.get(PARENT_PID_ENV) else None
+    drained = False
+    while not stop.wait(0.2):
+        if drain.is_set() and not drained:
+            log.info("%s draining: leaving the control plane, finishing what it has", worker.worker_id)
+            worker.drain()
+            drained = True
+        if drained and parent is not None and os.getppid() != parent:
+            log.warning("%s: launcher %s is gone while draining; stopping", worker.worker_id, parent)
+            return
 
 
 def main(starter: Starter, argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ class RunningWorker:
     address: str  # host:port its gRPC server is bound to
     agent_name: str  # its KV transport peer name
     _stops: list[Callable[[], None]] = field(default_factory=list, repr=False)
+    _drains: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def port(self) -> int:
@@ -42,6 +43,19 @@ class RunningWorker:
 
     def on_stop(self, fn: Callable[[], None]) -> None:
         self._stops.append(fn)
+
+    def on_drain(self, fn: Callable[[], None]) -> None:
+        self._drains.append(fn)
+
+    def drain(self) -> None:
+        """Take no new work (leave the control plane, so the router stops choosing this worker)
+        while what is in flight runs to its end; `stop` follows once the launcher saw it idle."""
+        while self._drains:
+            fn = self._drains.pop()
+            try:
+                fn()
+            except Exception:
+                log.exception("worker %s: error while draining", self.worker_id)
 
     def stop(self) -> None:
         """Stops in reverse start order; a failing step is logged and the rest still run."""

@@ -1,0 +1,41 @@
+"""Ray, started once per test session: a simulated 3-node cluster (`ray.cluster_utils.Cluster`,
+three raylets on this machine), each node declaring 4 units of a GPU-like custom resource
+(``fake_gpu``) and 4 logical CPUs; the machine's real GPUs, if any, go to the head node.
+Placement tests reserve ``fake_gpu``; the serving tests run CPU workers of the embedded model
+on the same cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+FAKE_GPU = "fake_gpu"
+NODES = 3
+PER_NODE = {"num_cpus": 4, "resources": {FAKE_GPU: 4}}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    import torch
+    from ray.cluster_utils import Cluster
+
+    from splitserve.ray_deploy import NAMESPACE
+
+    # the real GPUs (if any) belong to the head alone: simulated nodes share one machine
+    cluster = Cluster(initialize_head=True, head_node_args={**PER_NODE, "num_gpus": torch.cuda.device_count()})
+    for _ in range(NODES - 1):
+        cluster.add_node(**PER_NODE, num_gpus=0)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()

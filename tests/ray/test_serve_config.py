@@ -1,0 +1,81 @@
+"""What ``splitserve up`` hands Serve, checked without a cluster: the Serve config (``--dry-run``)
+is valid for ``serve deploy``, holds no secret, maps ``autoscaling:`` blocks; refusals name fields."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.config import AutoscalingContext
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.config import ConfigError, config_from_dict, load_config
+from splitserve.ray_deploy.app import check_ray_servable, serve_config
+from splitserve.ray_deploy.autoscaling import POLICY_PATH, PoolLoadPolicy
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_dry_run_prints_a_valid_serve_config_without_secrets() -> None:
+    done = subprocess.run([sys.executable, "-m", "splitserve", "up", "--dry-run", "deploy/ray-2node.yaml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    cfg = yaml.safe_load(done.stdout)
+    ServeDeploySchema.model_validate(cfg)  # what `serve deploy` and RayService accept
+    app = cfg["applications"][0]
+    assert app["import_path"] == "splitserve.ray_deploy.app:build_app"
+    assert "token" not in app["args"] and "password" not in done.stdout.lower().replace("password_env", "")
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert deployments["prefill"] == {"name": "prefill", "num_replicas": 2}
+    auto = deployments["decode"]["autoscaling_config"]
+    assert (auto["min_replicas"], auto["max_replicas"], auto["initial_replicas"]) == (2, 4, 2)
+    assert auto["policy"] == {"policy_function": POLICY_PATH, "policy_kwargs": {"target": 64.0}}
+
+
+def test_multi_rank_groups_refused_under_ray_naming_the_field() -> None:
+    with pytest.raises(ConfigError, match=r"prefill.tp/prefill.pp: multi-rank worker groups \(tp x pp = 2\)"):
+        check_ray_servable(load_config("deploy/ray-8gpu.yaml"))
+    done = subprocess.run([sys.executable, "-m", "splitserve", "up", "deploy/ray-8gpu.yaml"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not servable yet under Ray" in done.stderr
+
+
+def test_decode_only_cluster_omits_the_prefill_deployment() -> None:
+    cfg = serve_config(config_from_dict({"prefill": {"replicas": 0}}))
+    assert [d["name"] for d in cfg["applications"][0]["deployments"]] == ["router", "decode"]
+
+
+@pytest.mark.parametrize(("pool", "block", "field"), [
+    ("decode", {"min_replicas": 0, "max_replicas": 2}, "decode.autoscaling.min_replicas"),
+    ("prefill", {"min_replicas": 3, "max_replicas": 2}, "prefill.autoscaling.min_replicas"),
+    ("prefill", {"max_replicas": 2, "target": 3}, "prefill.autoscaling.target"),
+])
+def test_bad_autoscaling_blocks_name_the_field(pool: str, block: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        config_from_dict({pool: {"autoscaling": block}})
+
+
+def _ctx(loads: list[float] | None, current: int) -> AutoscalingContext:
+    metrics = {"load": {f"r{i}": v for i, v in enumerate(loads)}} if loads is not None else {}
+    return AutoscalingContext(
+        deployment_id=None, deployment_name="decode", app_name="splitserve", current_num_replicas=current,
+        target_num_replicas=current, running_replicas=[], total_num_requests=0.0, total_queued_requests=0.0,
+        aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=1,
+        capacity_adjusted_max_replicas=8, policy_state={}, last_scale_up_time=None, last_scale_down_time=None,
+        current_time=None, config=None)
+
+
+def test_pool_policy_sizes_the_pool_from_the_workers_load() -> None:
+    policy = PoolLoadPolicy(target=8.0)
+    assert policy(_ctx([20.0, 14.0], 2))[0] == 5  # 34 sequences / 8 per replica
+    assert policy(_ctx([1.0, 0.0, 0.0], 3))[0] == 1
+    assert policy(_ctx(None, 3))[0] == 3  # no report yet: keep the size
+
+
+def test_kuberay_manifest_carries_the_current_dry_run_output() -> None:
+    manifest = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert embedded == serve_config(load_config(ROOT / "deploy/kuberay/cluster.yaml"))
