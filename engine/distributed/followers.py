@@ -16,13 +16,15 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed.plan import StepPlan, broadcast_plan
 from engine.distributed.rank_setup import load_rank_model, rank_kv_layout
 from engine.distributed.runner import GroupRunner, make_runner
-from engine.distributed.world import GroupSetupError, close_world, init_world, rank_device
+from engine.distributed.world import GroupSetupError, close_world, current_world, init_world, rank_device
 from engine.kv_cache_pool import KVCachePool
 
 JOIN_TIMEOUT_S = 600.0
@@ -43,14 +45,24 @@ def join_group(cfg: EngineConfig, address: str) -> None:
     init_world(address, p.rank, p.tp_size, p.pp_size, cfg.device)
 
 
-def serve_as_follower(cfg: EngineConfig) -> None:
-    """Build this rank's shard and pool, then follow rank 0's plans until it stops us (group joined)."""
+def serve_as_follower(cfg: EngineConfig, on_ready: Callable[[], None] | None = None) -> None:
+    """Build this rank's shard and pool (``on_ready`` then), follow rank 0's plans until it stops us."""
     torch.manual_seed(cfg.seed)
     model_cfg, model = load_rank_model(cfg)
     pool = KVCachePool(rank_kv_layout(model_cfg, cfg), cfg.device)
     runner = make_runner(model, pool, (), cfg)
     assert isinstance(runner, GroupRunner)
+    if on_ready is not None:
+        on_ready()
     runner.follow()
+
+
+def release_followers() -> None:
+    """Rank 0, on shutdown: tell the followers to leave (the engine loop must be stopped), then leave."""
+    world = current_world()
+    if world is not None and world.rank == 0:
+        broadcast_plan(StepPlan(stop=True), world.control)
+    close_world()
 
 
 def follower_main(cfg: EngineConfig, address: str) -> None:

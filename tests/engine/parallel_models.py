@@ -37,3 +37,13 @@ def save_tiny_mixtral(path: Path, seed: int = 11) -> Path:
     hf, _ = hf_moe("mixtral", seed=seed)
     hf.save_pretrained(path)
     return path
+
+
+def save_tiny_llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:
+    """A tiny Llama over SmolLM2's vocabulary, with its tokenizer files: servable by the router."""
+    import shutil
+
+    save_tiny_llama(path, vocab_size=49152, num_hidden_layers=2, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, path / name)
+    return path
