@@ -13,6 +13,7 @@ from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig
 from engine.distributed.followers import FollowerSet, rank_config
 from engine.distributed.runner import GroupRunner
 from engine.distributed.shapes import check_group_shape
+from engine.distributed.world import GroupRankError
 from engine.errors import InvalidRequestError, ModelNotFoundError
 from engine.llm_engine import LLMEngine, PromptInput
 from engine.outputs import RequestOutput
@@ -97,10 +98,13 @@ class LLM:
         if followers is None:
             return
         runner = getattr(getattr(self, "engine", None), "runner", None)
-        if isinstance(runner, GroupRunner):
-            runner.stop_followers()
-            followers.join()
-        else:
+        try:
+            if isinstance(runner, GroupRunner):
+                runner.stop_followers()
+                followers.join()
+        except GroupRankError:
+            pass  # a follower died: the rest are killed below
+        finally:
             followers.kill()
 
     def __enter__(self) -> LLM:

@@ -60,9 +60,13 @@ def serve_as_follower(cfg: EngineConfig, on_ready: Callable[[], None] | None = N
 def release_followers() -> None:
     """Rank 0, on shutdown: tell the followers to leave (the engine loop must be stopped), then leave."""
     world = current_world()
-    if world is not None and world.rank == 0:
-        broadcast_plan(StepPlan(stop=True), world.control)
-    close_world()
+    try:
+        if world is not None and world.rank == 0:
+            broadcast_plan(StepPlan(stop=True), world.control)
+    except RuntimeError:
+        pass  # a follower is already gone; the launcher reaps the rest
+    finally:
+        close_world()
 
 
 def follower_main(cfg: EngineConfig, address: str) -> None:

@@ -16,7 +16,7 @@ from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
 from engine.distributed.plan import MicroBatch, StepPlan, broadcast_plan
 from engine.distributed.stage import StageExecutor
-from engine.distributed.world import World, current_world
+from engine.distributed.world import GroupRankError, World, current_world
 from engine.kv_cache_pool import KVCachePool
 from engine.model_runner import ModelRunner, StepResult
 from engine.models.llama import LayerHook, LlamaForCausalLM
@@ -56,8 +56,11 @@ class GroupRunner(ModelRunner):
         self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]], on_layer_done: LayerHook | None = None
     ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Runs the whole group's step; the logits wait for `sample` (the hidden states stay on the last stage)."""
-        plan = broadcast_plan(self.plan(scheduled, block_tables), self.world.control)
-        self._logits = self.stage.run(plan, on_layer_done)
+        try:
+            plan = broadcast_plan(self.plan(scheduled, block_tables), self.world.control)
+            self._logits = self.stage.run(plan, on_layer_done)
+        except RuntimeError as e:  # gloo/NCCL report a dead peer as a RuntimeError of the collective
+            raise GroupRankError(f"a rank of this worker group is gone: {e}") from e
         _, meta, _ = plan.micro_batches[-1].on(self.device)
         empty = torch.empty(0, device=self.device)
         return (self._logits if self._logits is not None else empty), meta
@@ -92,8 +95,11 @@ class GroupRunner(ModelRunner):
             self.stage.run(plan)
 
     def stop_followers(self) -> None:
-        """Rank 0: release the followers from `follow`."""
-        broadcast_plan(StepPlan(stop=True), self.world.control)
+        """Rank 0: release the followers from `follow`; raises `GroupRankError` when one is gone."""
+        try:
+            broadcast_plan(StepPlan(stop=True), self.world.control)
+        except RuntimeError as e:
+            raise GroupRankError(f"a rank of this worker group is gone: {e}") from e
 
 
 def make_runner(

@@ -14,12 +14,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.errors import SplitserveError
+
 STEP_TIMEOUT = timedelta(minutes=10)
 IDLE_TIMEOUT = timedelta(days=30)
 
 
-class GroupSetupError(RuntimeError):
+class GroupSetupError(SplitserveError, RuntimeError):
     """The ranks of a group could not form their process group."""
+
+
+class GroupRankError(SplitserveError, RuntimeError):
+    """A rank of a running group is gone (its process died): the group cannot step any more."""
 
 
 @dataclass(frozen=True)

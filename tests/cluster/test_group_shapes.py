@@ -45,7 +45,7 @@ def test_experts_must_split_over_ep(tmp_path: Path) -> None:
     mixtral = save_tiny_mixtral(tmp_path / "mixtral")  # 4 experts
     cfg = ModelConfig.from_model_dir(mixtral)
     check_model_shapes(_config(decode={"tp": 2, "ep": 2}), cfg, None)
-    with pytest.raises(ConfigError, match="decode.ep = 2 must be 1 or equal decode.tp"):
+    with pytest.raises(ConfigError, match=r"decode\.ep = 2 must be 1 or equal decode\.tp"):
         check_model_shapes(_config(decode={"tp": 4, "ep": 2}), cfg, None)
 
 
@@ -56,5 +56,5 @@ def test_more_ranks_than_gpus_is_refused(llama: Path) -> None:
 
 
 def test_sharded_pools_need_prefill_replicas_0_until_kv_transfer_is_sharded(llama: Path) -> None:
-    with pytest.raises(ConfigError, match="decode.tp/decode.pp: KV transfer between sharded"):
+    with pytest.raises(ConfigError, match=r"decode\.tp/decode\.pp: KV transfer between sharded"):
         worker_groups(_config(prefill={"replicas": 1}, decode={"tp": 2}), str(llama))

@@ -13,6 +13,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.distributed.shapes import GroupShapeError
+from engine.distributed.world import GroupRankError
 from tests.engine.parallel_models import save_tiny_llama, save_tiny_mixtral
 
 PROMPTS = [
@@ -70,3 +71,17 @@ def test_mixtral_groups_match_one_rank(mixtral, shape: dict[str, int]) -> None:
 def test_impossible_shapes_are_refused_before_any_process(llama, shape: dict[str, int], field: str) -> None:
     with pytest.raises(GroupShapeError, match=field):
         LLM(str(llama[0]), **shape)
+
+
+def test_a_dead_follower_fails_the_step_instead_of_hanging(llama) -> None:
+    llm = LLM(str(llama[0]), **ENGINE, tensor_parallel_size=2)
+    try:
+        assert len(llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids) == GREEDY.max_tokens
+        follower = llm._followers.procs[0]
+        follower.kill()
+        follower.wait()
+        with pytest.raises(GroupRankError, match="a rank of this worker group is gone"):
+            llm.generate(PROMPTS[:1], GREEDY)
+    finally:
+        llm.close()  # no error: the dead rank is accounted for
+    assert llm._followers is None
