@@ -11,11 +11,8 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.distributed.shapes import GroupShapeError
 
-PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    "Once upon a time, in a small village,",
-]
-GREEDY = SamplingParams(max_tokens=8, temperature=0)
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
 ENGINE = dict(max_num_batched_tokens=64, num_kv_blocks=32)
 
 
