@@ -335,6 +335,20 @@ class ClusterConfig(_Section):
             if (why := cuda_unavailable_reason()) is not None:
                 raise ConfigError(f"device: {why}")
 
+    def check_model(self, model_path: str) -> None:
+        """`ConfigError` naming the field when a pool's tp/pp/ep cannot split this model or has more
+        ranks than GPUs here (`cluster.group_shapes`); needs the model's folder, hence not at parse."""
+        from cluster.group_shapes import check_model_shapes  # lazy: imports torch
+        from engine.config import ModelConfig
+        from engine.weights import resolve_model
+
+        gpus = None
+        if self.device == "cuda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+        check_model_shapes(self, ModelConfig.from_hf_dict(resolve_model(model_path)[0]), gpus)
+
     @property
     def model_name(self) -> str:
         """The id under which the router serves the model."""

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cluster.group_processes import check_group_ranks, spawn_group
 from cluster.launcher import GroupStatus, Launcher, LauncherError, ReadyInfo, WorkerGroupHandle, WorkerGroupSpec
 from cluster.local_workers import WorkerProcess
 
@@ -54,7 +55,7 @@ class LocalWorkerGroup(WorkerGroupHandle):
 
 
 class LocalProcessLauncher(Launcher):
-    """Single-rank groups as local processes. ``token`` is the cluster token (environment, never
+    """Worker groups as local processes, one per rank. ``token`` is the cluster token (environment, never
     argv); ``log_dir`` None means a fresh folder under the system temp dir, owned by the launcher."""
 
     def __init__(self, token: str, *, env: Mapping[str, str] | None = None, log_dir: str | Path | None = None) -> None:
@@ -63,24 +64,39 @@ class LocalProcessLauncher(Launcher):
         self._owns_log_dir = log_dir is None
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="splitserve-logs-"))
         self.groups: list[LocalWorkerGroup] = []
+        self._next_gpu = 0  # sharded groups take consecutive GPUs
 
     @property
     def log_location(self) -> str:
         return str(self.log_dir)
 
     def start(self, groups: Sequence[WorkerGroupSpec]) -> list[WorkerGroupHandle]:
-        for g in groups:
-            if g.world_size != 1:
-                raise LauncherError(f"{g.name or g.role}: the local launcher runs single-rank groups, "
-                                    f"got tp={g.tp} x pp={g.pp}")
+        for g in groups:  # every group checked before any process starts
+            check_group_ranks(g)
         started: list[WorkerGroupHandle] = []
         for g in groups:
-            env = _device_env(self.env, g.ranks[0].device, len(self.groups))
-            proc = WorkerProcess(g.ranks[0], self.token, env=env, log_dir=self.log_dir)
-            handle = LocalWorkerGroup(g, [proc.spawn()])
+            if g.world_size > 1:  # a sharded group: one process per rank (cluster.group_processes)
+                procs = spawn_group(g, self.token, self.env, self.log_dir, self._group_gpus(g))
+            else:
+                env = _device_env(self.env, g.ranks[0].device, len(self.groups))
+                procs = [WorkerProcess(g.ranks[0], self.token, env=env, log_dir=self.log_dir).spawn()]
+            handle = LocalWorkerGroup(g, procs)
             self.groups.append(handle)
             started.append(handle)
         return started
+
+    def _group_gpus(self, g: WorkerGroupSpec) -> list[int] | None:
+        """Distinct GPUs for the ranks of ``g`` (None on CPU or when the user pinned devices)."""
+        if g.ranks[0].device != "cuda" or "CUDA_VISIBLE_DEVICES" in self.env:
+            return None
+        import torch
+
+        count = torch.cuda.device_count()
+        if g.world_size > count:
+            raise LauncherError(f"{g.name or g.role}: {g.world_size} ranks need {g.world_size} GPUs, {count} here")
+        first = self._next_gpu
+        self._next_gpu += g.world_size
+        return [(first + r) % count for r in range(g.world_size)]
 
     def stop(self, handles: Sequence[WorkerGroupHandle] | None = None, grace_s: float = 15.0) -> list[GroupStatus]:
         chosen = [self._own(h) for h in handles] if handles is not None else list(self.groups)

@@ -62,13 +62,16 @@ class WorkerProcess:
         env = dict(os.environ if self._env is None else self._env)
         env[TOKEN_ENV] = self.token
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        # each worker package has a __main__ (python -m decode_worker)
-        cmd = [sys.executable, "-m", f"{self.spec.role}_worker", "--spec", self.spec.to_json()]
+        cmd = self.command()
         with open(self.log_path, "wb") as log:
             # own session: a terminal's Ctrl-C goes to the launcher, which stops workers in order
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=_REPO_ROOT,
                                           start_new_session=True)
         return self
+
+    def command(self) -> list[str]:
+        """The process's command line; each worker package has a __main__ (python -m decode_worker)."""
+        return [sys.executable, "-m", f"{self.spec.role}_worker", "--spec", self.spec.to_json()]
 
     def wait_ready(self, timeout: float = 300.0) -> WorkerProcess:
         assert self._proc is not None, "spawn() first"

@@ -210,17 +210,19 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Where this engine sits in its worker group. Only 1/1/0/0 is wired today, but the model's
-    parallel group and the KV compatibility key are derived from here, so that sharding becomes
-    a change of configuration rather than of code."""
+    """Where this engine sits in its worker group: ``tp_size x pp_size`` ranks, global rank
+    ``pp_rank * tp_size + tp_rank``. ``ep_size`` splits an MoE model's experts over the tensor
+    ranks of a stage (1, or equal to ``tp_size``). The model's parallel group and the KV
+    compatibility key are derived from here."""
 
     tp_size: int = 1
     pp_size: int = 1
     tp_rank: int = 0
     pp_rank: int = 0
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tp_size", "pp_size"):
+        for name in ("tp_size", "pp_size", "ep_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -228,12 +230,21 @@ class ParallelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < size:
                 raise ValueError(f"{name}: must be in [0, {size}), got {value!r}")
-        if self.pp_size != 1:
-            raise ValueError(f"pp_size: pipeline parallelism is not supported yet, got {self.pp_size}")
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(f"ep_size: must be 1 or tp_size ({self.tp_size}), got {self.ep_size}")
 
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size
+
+    @property
+    def rank(self) -> int:
+        """This rank's index in the group's torch.distributed world."""
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    def for_rank(self, rank: int) -> ParallelConfig:
+        """The same group seen from global rank ``rank``."""
+        return dataclasses.replace(self, tp_rank=rank % self.tp_size, pp_rank=rank // self.tp_size)
 
     def compat(self) -> dict[str, int]:
         """The head and layer split two workers must share for their KV blocks to match."""

@@ -9,7 +9,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_dtype
+from engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
+from engine.distributed.followers import FollowerSet, rank_config
+from engine.distributed.runner import GroupRunner
+from engine.distributed.shapes import check_group_shape
+from engine.distributed.world import GroupRankError
 from engine.errors import InvalidRequestError, ModelNotFoundError
 from engine.llm_engine import LLMEngine, PromptInput
 from engine.outputs import RequestOutput
@@ -37,12 +41,22 @@ class LLM:
         random_weights: bool = False,
         seed: int = 0,
         exact_attention: bool = False,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
     ) -> None:
+        """``tensor_parallel_size x pipeline_parallel_size`` ranks: this process is rank 0 and starts
+        the others as follower processes (`close` stops them); ``expert_parallel_size`` (1 or the
+        tensor size) splits an MoE model's experts over the tensor ranks."""
         path = Path(model)
         if not path.exists():
             raise ModelNotFoundError(f"model path not found: {path}")
         cfg_dict, _ = resolve_model(path)
         model_cfg = ModelConfig.from_hf_dict(cfg_dict)
+        check_group_shape(
+            model_cfg, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
+            fields=("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"),
+        )
         max_len = max_model_len or min(model_cfg.max_position_embeddings, 4096)
         kv_dtype = parse_dtype(kv_cache_dtype) if isinstance(kv_cache_dtype, str) else kv_cache_dtype
         if kv_dtype is None and kv_cache_dtype == "fp8":
@@ -60,12 +74,44 @@ class LLM:
                 max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_len,
             ),
+            parallel=ParallelConfig(
+                tp_size=tensor_parallel_size, pp_size=pipeline_parallel_size, ep_size=expert_parallel_size
+            ),
             seed=seed,
             random_weights=random_weights,
             exact_attention=exact_attention,
         )
-        self.engine = LLMEngine(self.config)
+        self._followers: FollowerSet | None = None
+        if self.config.parallel.world_size > 1:
+            self._followers = FollowerSet(self.config)
+            self.config = rank_config(self.config, 0)
+        try:
+            self.engine = LLMEngine(self.config)
+        except BaseException:
+            self.close()
+            raise
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the follower ranks (if any) and leave their process group; idempotent."""
+        followers, self._followers = self._followers, None
+        if followers is None:
+            return
+        runner = getattr(getattr(self, "engine", None), "runner", None)
+        try:
+            if isinstance(runner, GroupRunner):
+                runner.stop_followers()
+                followers.join()
+        except GroupRankError:
+            pass  # a follower died: the rest are killed below
+        finally:
+            followers.kill()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def tokenizer(self):

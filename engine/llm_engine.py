@@ -15,14 +15,14 @@ import torch
 
 from engine.block_manager import BlockManager, KVEvent
 from engine.config import EngineConfig, ModelConfig
+from engine.distributed.rank_setup import load_rank_model, rank_kv_layout
+from engine.distributed.runner import make_runner
 from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError, RequestStepError
-from engine.kv_cache_pool import KVCachePool, KVLayout
+from engine.kv_cache_pool import KVCachePool
 from engine.kv_connector import KVArrival, KVConnector, KVFailure, KVPoll, KVStepOutcome
-from engine.model_loader import load_model
-from engine.model_runner import ModelRunner, StepResult
+from engine.model_runner import StepResult
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import EngineStats, RequestError, RequestOutput
-from engine.parallel import ParallelGroup
 from engine.resume import replay_resumed_text, split_resumed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -39,26 +39,20 @@ class LLMEngine:
         self.cfg = cfg
         self.kv_connector = kv_connector
         torch.manual_seed(cfg.seed)
-        self.model_config, self.model = load_model(
-            cfg.model, cfg.dtype, cfg.device, group=ParallelGroup.from_config(cfg.parallel),
-            max_positions=cfg.scheduler.max_model_len,
-            random_weights=cfg.random_weights, seed=cfg.seed,
-        )
+        self.model_config, self.model = load_rank_model(cfg)  # this rank's shard (engine.distributed)
         self.tokenizer = tokenizer if tokenizer is not None else _try_tokenizer(cfg.model)
         eos = tuple(self.model_config.eos_token_ids) or (
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
         )
         self.eos_token_ids = eos
-        self.layout = KVLayout.for_budget(self.model_config, cfg.cache, cfg.dtype)
+        self.layout = rank_kv_layout(self.model_config, cfg)
         self.pool = KVCachePool(self.layout, cfg.device)
         self.blocks = BlockManager(
             self.layout.num_blocks, self.layout.block_size,
             enable_prefix_caching=cfg.cache.enable_prefix_caching, watermark=cfg.cache.watermark,
         )
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
-        self.runner = ModelRunner(
-            self.model, self.pool, eos, seed=cfg.seed, exact_attention=cfg.exact_attention
-        )
+        self.runner = make_runner(self.model, self.pool, eos, cfg)
         self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._kv_params: dict[str, object] = {}  # remote prompts waiting for blocks -> connector's params

@@ -59,5 +59,6 @@ def load_model(
     if random_weights:
         model.init_random_weights(seed)
     else:
-        model.load_weights(iter_checkpoint(source))
+        sharded = group.tp_size * group.pp_size * ep.size > 1  # each rank reads only its slices
+        model.load_weights(iter_checkpoint(source, lazy=sharded))
     return cfg, model

@@ -59,10 +59,12 @@ class WorkerSpec:
     random_weights: bool = False
     seed: int = 0
     exact_attention: bool = False  # float64 attention kernels, the references' bits (slow)
-    tp_size: int = 1  # tensor-parallel group size (only 1 is wired today)
-    pp_size: int = 1  # pipeline-parallel group size (only 1 is wired today)
+    tp_size: int = 1  # tensor-parallel group size
+    pp_size: int = 1  # pipeline-parallel group size
     tp_rank: int = 0
     pp_rank: int = 0
+    ep_size: int = 1  # MoE experts split over the tensor ranks (1 or tp_size)
+    group_address: str = ""  # host:port where a tp x pp group's ranks rendezvous (set by the launcher)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -95,7 +97,9 @@ class WorkerSpec:
         return GrpcTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
 
     def parallel_config(self) -> ParallelConfig:
-        return ParallelConfig(tp_size=self.tp_size, pp_size=self.pp_size, tp_rank=self.tp_rank, pp_rank=self.pp_rank)
+        return ParallelConfig(
+            tp_size=self.tp_size, pp_size=self.pp_size, tp_rank=self.tp_rank, pp_rank=self.pp_rank, ep_size=self.ep_size
+        )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorkerSpec:

@@ -31,6 +31,8 @@ from typing import Any, TextIO
 from fastapi import FastAPI
 
 from cluster.config import ClusterConfig, ConfigError, load_config
+from cluster.group_processes import group_rank_specs
+from cluster.group_shapes import check_pairing
 from cluster.launcher import Launcher, StartCancelled, WorkerGroupHandle, WorkerGroupSpec, WorkerStartError
 from cluster.local_launcher import LocalProcessLauncher
 from cluster.supervisor import SupervisionPolicy, Supervisor
@@ -59,13 +61,10 @@ def worker_specs(
 ) -> list[WorkerSpec]:
     """One `WorkerSpec` per worker process: ``prefill.replicas`` prefill, ``decode.replicas`` decode.
 
-    The local launcher runs one rank per worker; TP/PP groups need the Ray launcher.
+    A sharded pool's spec is its groups' rank 0 (tp/pp/ep sizes set); `worker_groups` adds the ranks.
     """
-    for pool in ("prefill", "decode"):
-        section = getattr(config, pool)
-        if section.tp * section.pp != 1:
-            raise ConfigError(f"{pool}.tp/{pool}.pp: the local launcher runs single-rank workers (tp=pp=1)")
-    n_workers = config.prefill.replicas + config.decode.replicas
+    check_pairing(config)
+    n_workers = config.prefill.replicas * config.prefill.world_size + config.decode.replicas * config.decode.world_size
     threads = max(1, (os.cpu_count() or 1) // n_workers) if config.device == "cpu" else 0
     common: dict[str, Any] = dict(
         model=model, dtype=config.dtype, device=config.device, block_size=config.block_size,
@@ -81,8 +80,12 @@ def worker_specs(
                         max_queued_prompt_tokens=config.prefill.max_queued_prompt_tokens),
         "decode": {},
     }
+    shape: dict[str, dict[str, Any]] = {
+        pool: dict(tp_size=sec.tp, pp_size=sec.pp, ep_size=getattr(sec, "ep", 1))
+        for pool, sec in (("prefill", config.prefill), ("decode", config.decode))
+    }
     specs = [
-        WorkerSpec(role=role, worker_id=f"{role}-{i}", max_num_seqs=seqs, **common, **own[role])
+        WorkerSpec(role=role, worker_id=f"{role}-{i}", max_num_seqs=seqs, **common, **own[role], **shape[role])
         for role, n in (("prefill", config.prefill.replicas), ("decode", config.decode.replicas))
         for i in range(n)
     ]
@@ -92,8 +95,14 @@ def worker_specs(
 def worker_groups(
     config: ClusterConfig, model: str, overrides: dict[str, Any] | None = None
 ) -> list[WorkerGroupSpec]:
-    """The worker groups of a config: one single-rank group per worker today."""
-    return [WorkerGroupSpec.single(s) for s in worker_specs(config, model, overrides)]
+    """The worker groups of a config: a group of tp x pp rank specs per worker (shapes checked on the model)."""
+    specs = worker_specs(config, model, overrides)
+    if any(s.tp_size * s.pp_size > 1 for s in specs):
+        config.check_model(model)
+    return [
+        WorkerGroupSpec(group_rank_specs(s, s.tp_size, s.pp_size, s.ep_size), tp=s.tp_size, pp=s.pp_size)
+        for s in specs
+    ]
 
 
 def create_router_app(settings: RouterSettings, model: str, token: str, redis_url: str,

@@ -26,6 +26,7 @@ from pathlib import Path
 from protocol.grpc_auth import set_process_tls
 from protocol.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
 from worker_runtime.agent import PARENT_PID_ENV
+from worker_runtime.group import is_sharded, join_as_rank0, leave_as_rank0
 from worker_runtime.runtime import RunningWorker
 
 log = logging.getLogger("splitserve.worker")
@@ -54,6 +55,8 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
     set_process_tls(spec.grpc_tls())  # its clients (prefill peers, lease renewals) verify with the CA
     t0 = time.monotonic()
     log.info("starting %s worker: loading %s (%s on %s)", spec.role, spec.model, spec.dtype, spec.device)
+    if is_sharded(spec):  # rank 0 of a tp x pp group: the followers must be there before the engine
+        join_as_rank0(spec)
     worker = starter(spec, token)
     info = {"worker_id": worker.worker_id, "address": worker.address, "agent_name": worker.agent_name,
             "pid": os.getpid(), "role": spec.role}
@@ -64,6 +67,8 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
     _serve_until_stopped(worker, stop, drain)
     log.info("%s stopping", worker.worker_id)
     worker.stop()
+    if is_sharded(spec):
+        leave_as_rank0()
     return 0
 
 

@@ -25,7 +25,9 @@ class ColumnParallelLinear(nn.Module):
     """``y = x W^T (+ b)`` with the output features split across ranks.
 
     ``output_sizes`` lists the logical sub-matrices fused into this layer (q, k, v or gate, up);
-    each is split across ranks separately so that rank r holds [q_r; k_r; v_r].
+    each is split across ranks separately so that rank r holds [q_r; k_r; v_r]. ``replicas[i]``
+    ranks share one slice of sub-matrix i (KV heads when tp exceeds them): rank r then holds
+    slice ``r // replicas[i]`` of ``tp / replicas[i]``.
     """
 
     def __init__(
@@ -34,10 +36,12 @@ class ColumnParallelLinear(nn.Module):
         output_sizes: list[int],
         bias: bool = False,
         group: ParallelGroup = SINGLE,
+        replicas: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.group = group
-        self.output_sizes = [group.shard(n, "output size") for n in output_sizes]
+        self.replicas = replicas or [1] * len(output_sizes)
+        self.output_sizes = [group.shard(n * r, "output size") for n, r in zip(output_sizes, self.replicas)]
         out = sum(self.output_sizes)
         self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
@@ -49,7 +53,7 @@ class ColumnParallelLinear(nn.Module):
         """Copy checkpoint tensor ``full`` (logical sub-matrix ``shard_id``) into our slice."""
         size = self.output_sizes[shard_id]
         start = sum(self.output_sizes[:shard_id])
-        local = full.narrow(0, self.group.tp_rank * size, size)
+        local = full.narrow(0, self.group.tp_rank // self.replicas[shard_id] * size, size)
         _copy_checked(getattr(self, param).narrow(0, start, size), local, name)
 
 

@@ -203,7 +203,7 @@ class FusedMoE(nn.Module):
             src = self._tp_slice(mine, 2)
         else:
             gate, up = mine.narrow(1, 0, self.full_inter), mine.narrow(1, self.full_inter, self.full_inter)
-            src = torch.cat([self._tp_slice(gate, 1), self._tp_slice(up, 1)], dim=1)
+            src = torch.cat([self._tp_slice(gate, 1).to(self.w13.dtype), self._tp_slice(up, 1).to(self.w13.dtype)], 1)
         dst = self.w13 if part == "gate_up" else self.w2
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))

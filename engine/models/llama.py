@@ -29,11 +29,13 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, group: ParallelGroup) -> None:
         super().__init__()
         self.num_heads = group.shard(cfg.num_heads, "num_heads")
-        self.num_kv_heads = group.shard(cfg.num_kv_heads, "num_kv_heads")
+        self.num_kv_heads = group.local_kv_heads(cfg.num_kv_heads)
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        rep = group.kv_replicas(cfg.num_kv_heads)  # ranks sharing a KV head when tp exceeds them
         self.qkv_proj = ColumnParallelLinear(
-            cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.attention_bias, group=group
+            cfg.hidden_size, [cfg.q_size, cfg.kv_size, cfg.kv_size], bias=cfg.attention_bias, group=group,
+            replicas=[1, rep, rep],
         )
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, group=group)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -103,6 +105,12 @@ class LlamaDecoderLayer(nn.Module):
 
 LayerHook = Callable[[int], None]
 
+_LAYER_RE = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+
+
+class PipelinePlaceholder(nn.Module):
+    """A decoder layer another pipeline stage holds: no weights, never run here."""
+
 
 class LlamaForCausalLM(nn.Module):
     """``forward(ids [T], positions [T], caches, meta) -> hidden [T, D]``; ``logits(hidden) -> [N, V]``."""
@@ -112,7 +120,10 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.group = group
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, group)
-        self.layers = nn.ModuleList(self._make_layer(cfg, group, i) for i in range(cfg.num_layers))
+        stage = group.stage_layers(cfg.num_layers)  # pipeline stage: other layers are placeholders
+        self.layers = nn.ModuleList(
+            self._make_layer(cfg, group, i) if i in stage else PipelinePlaceholder() for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, group)
         if cfg.tie_word_embeddings:
@@ -165,6 +176,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
+            if self._other_stage(hf_name):
+                continue
             mod_path, _, param = name.rpartition(".")
             owner, _, leaf = mod_path.rpartition(".")
             shard = 0
@@ -191,6 +204,12 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(k for k in self._expected_keys() if k not in seen)
         if missing:
             raise WeightLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _other_stage(self, hf_name: str) -> bool:
+        """True for a tensor of a layer another pipeline stage holds."""
+        m = _LAYER_RE.match(hf_name)
+        i = int(m.group(1)) if m else -1
+        return 0 <= i < len(self.layers) and isinstance(self.layers[i], PipelinePlaceholder)
 
     def _expected_keys(self) -> set[str]:
         keys: set[str] = set()

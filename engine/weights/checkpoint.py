@@ -52,12 +52,14 @@ def iter_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    lazy: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(HF name, tensor)`` for every weight, checking each shape against ``config``.
 
     ``config`` defaults to the checkpoint's own; pass the one the model was built from to catch a
     config/weights mismatch. Tensors come in the stored dtype (GGUF: dequantized float32) unless
-    ``dtype`` is given. After the last tensor a missing one raises `WeightLoadError`.
+    ``dtype`` is given. After the last tensor a missing one raises `WeightLoadError`. ``lazy``
+    (safetensors only) yields `LazySlice`s that read just the part a sharded rank narrows them to.
     """
     cfg_dict, source = resolve_model(path)  # eager: a bad path fails at the call, not at first next()
     cfg = config if config is not None else ModelConfig.from_hf_dict(cfg_dict)
@@ -68,7 +70,7 @@ def iter_checkpoint(
     else:
         shards = shard_files(source)
         total = sum(len(names) for _, names in shards)
-        tensors = iter_safetensors(shards)
+        tensors = iter_safetensors(shards, lazy=lazy)
     return _checked(tensors, LayoutChecker(cfg, source.name), total, dtype, progress)
 
 
@@ -86,5 +88,5 @@ def _checked(
             bar.update(1)
             if not checker.accept(name, tensor):
                 continue
-            yield name, (tensor if dtype is None else tensor.to(dtype))
+            yield name, (tensor if dtype is None else tensor.to(dtype))  # a LazySlice reads here
     checker.finish()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import ModelNotFoundError, WeightLoadError
+from engine.weights.lazy_tensor import LazySlice
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,8 +52,14 @@ def _names_in(path: Path) -> list[str]:
         return list(f.keys())
 
 
-def iter_safetensors(shards: list[tuple[Path, list[str]]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in the stored dtype; one shard is open at a time and tensors are read lazily."""
+def iter_safetensors(
+    shards: list[tuple[Path, list[str]]], lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | LazySlice]]:
+    """(name, tensor) in the stored dtype; one shard is open at a time and tensors are read lazily.
+
+    With ``lazy`` a `LazySlice` comes instead, to be used before the next one is asked for: a rank
+    of a sharded group reads only its part of it.
+    """
     from safetensors import SafetensorError, safe_open
 
     for path, names in shards:
@@ -62,6 +69,6 @@ def iter_safetensors(shards: list[tuple[Path, list[str]]]) -> Iterator[tuple[str
                 for name in names:
                     if name not in present:
                         raise WeightLoadError(f"{path.name}: index lists {name!r}, the shard lacks it")
-                    yield name, f.get_tensor(name)
+                    yield name, (LazySlice(f.get_slice(name)) if lazy else f.get_tensor(name))
         except SafetensorError as e:
             raise WeightLoadError(f"{path}: unreadable safetensors file ({e})") from e

@@ -34,10 +34,10 @@ def test_group_spec_shape_is_checked() -> None:
         WorkerGroupSpec((one, _spec("prefill", "/m")), tp=2)
 
 
-def test_local_launcher_refuses_multi_rank_groups_before_starting_anything(tmp_path: Path) -> None:
-    group = WorkerGroupSpec((_spec("decode", "/m"), _spec("decode", "/m")), tp=2)
+def test_local_launcher_refuses_mismatched_rank_specs_before_starting_anything(tmp_path: Path) -> None:
+    group = WorkerGroupSpec((_spec("decode", "/m"), _spec("decode", "/m")), tp=2)  # both say "rank 0 of 1"
     with LocalProcessLauncher(TOKEN, log_dir=tmp_path) as launcher:
-        with pytest.raises(LauncherError, match="single-rank groups, got tp=2 x pp=1"):
+        with pytest.raises(LauncherError, match="rank 0 spec says tp_size=1"):
             launcher.start([group])
         assert launcher.stop() == []
 

@@ -14,7 +14,7 @@ from worker_runtime.runtime import compat_key
 
 def test_defaults_are_one_rank_and_frozen() -> None:
     cfg = EngineConfig(model="m")
-    assert cfg.parallel == ParallelConfig(1, 1, 0, 0)
+    assert cfg.parallel == ParallelConfig(1, 1, 0, 0, 1)
     assert cfg.parallel.world_size == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.parallel.tp_size = 2  # type: ignore[misc]
@@ -22,7 +22,8 @@ def test_defaults_are_one_rank_and_frozen() -> None:
 
 @pytest.mark.parametrize(("kw", "field"), [
     ({"tp_size": 0}, "tp_size"), ({"tp_rank": 1}, "tp_rank"), ({"tp_size": 2, "tp_rank": -1}, "tp_rank"),
-    ({"pp_size": 2, "pp_rank": 0}, "pp_size"), ({"pp_rank": 1}, "pp_rank"), ({"tp_size": True}, "tp_size"),
+    ({"pp_size": 0}, "pp_size"), ({"pp_rank": 1}, "pp_rank"), ({"tp_size": True}, "tp_size"),
+    ({"tp_size": 2, "ep_size": 3}, "ep_size"),
 ])  # fmt: skip
 def test_bad_values_name_the_field(kw: dict[str, int], field: str) -> None:
     with pytest.raises(ValueError, match=field):

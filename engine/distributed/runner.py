@@ -1,0 +1,114 @@
+"""`GroupRunner`: the model runner of one rank of a tensor/pipeline-parallel group.
+
+Rank 0 keeps the `ModelRunner` contract (forward, sample, execute) for the engine: it prepares
+the batch as usual, splits it into micro-batches (one per pipeline stage), broadcasts the plan,
+runs its stage and samples the logits the last stage returns. Followers loop in `follow`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.config import EngineConfig
+from engine.distributed.plan import MicroBatch, StepPlan, broadcast_plan
+from engine.distributed.stage import StageExecutor
+from engine.distributed.world import GroupRankError, World, current_world
+from engine.kv_cache_pool import KVCachePool
+from engine.model_runner import ModelRunner, StepResult
+from engine.models.llama import LayerHook, LlamaForCausalLM
+from engine.sampler import SamplingBatch
+from engine.scheduler import ScheduledSeq
+
+
+class GroupRunner(ModelRunner):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        pool: KVCachePool,
+        world: World,
+        eos_token_ids: Seq[int] = (),
+        seed: int | None = None,
+        exact_attention: bool = False,
+    ) -> None:
+        super().__init__(model, pool, eos_token_ids, seed=seed, exact_attention=exact_attention)
+        self.world = world
+        self.stage = StageExecutor(model, self.caches, world)
+        self._logits: torch.Tensor | None = None
+
+    def plan(self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]]) -> StepPlan:
+        """The step as micro-batches: contiguous runs of sequences, one per stage (one without stages)."""
+        n = len(scheduled)
+        parts = min(self.world.pp_size, n)
+        bounds = [k * n // parts for k in range(parts + 1)]
+        mbs = []
+        for a, b in itertools.pairwise(bounds):
+            ids, meta = self.prepare(scheduled[a:b], block_tables[a:b])
+            samples = torch.tensor([i for i, s in enumerate(scheduled[a:b]) if s.samples], dtype=torch.int64)
+            rows = (meta.query_start_loc[1:].cpu().long() - 1)[samples]
+            mbs.append(MicroBatch.of(ids, meta, rows))
+        return StepPlan(mbs, exact_attention=self.exact_attention)
+
+    def forward(
+        self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]], on_layer_done: LayerHook | None = None
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """Runs the whole group's step; the logits wait for `sample` (the hidden states stay on the last stage)."""
+        try:
+            plan = broadcast_plan(self.plan(scheduled, block_tables), self.world.control)
+            self._logits = self.stage.run(plan, on_layer_done)
+        except RuntimeError as e:  # gloo/NCCL report a dead peer as a RuntimeError of the collective
+            raise GroupRankError(f"a rank of this worker group is gone: {e}") from e
+        _, meta, _ = plan.micro_batches[-1].on(self.device)
+        empty = torch.empty(0, device=self.device)
+        return (self._logits if self._logits is not None else empty), meta
+
+    @torch.inference_mode()
+    def sample(self, scheduled: Seq[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata) -> StepResult:
+        seqs = [s.seq for s in scheduled if s.samples]
+        logits, self._logits = self._logits, None
+        if not seqs or logits is None:
+            return StepResult([], None)
+        batch = SamplingBatch.build(
+            [s.params for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            eos_token_ids=self.eos_token_ids,
+            device=logits.device,
+        )
+        return StepResult([s.seq_id for s in seqs], self.sampler(logits, batch))
+
+    def execute(
+        self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]], on_layer_done: LayerHook | None = None
+    ) -> StepResult:
+        hidden, meta = self.forward(scheduled, block_tables, on_layer_done)
+        return self.sample(scheduled, hidden, meta)
+
+    def follow(self) -> None:
+        """A follower's life: run rank 0's plans until it says stop."""
+        while True:
+            plan = broadcast_plan(None, self.world.control)
+            if plan.stop:
+                return
+            self.stage.run(plan)
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the followers from `follow`; raises `GroupRankError` when one is gone."""
+        try:
+            broadcast_plan(StepPlan(stop=True), self.world.control)
+        except RuntimeError as e:
+            raise GroupRankError(f"a rank of this worker group is gone: {e}") from e
+
+
+def make_runner(
+    model: LlamaForCausalLM, pool: KVCachePool, eos_token_ids: Seq[int], cfg: EngineConfig
+) -> ModelRunner:
+    """A plain `ModelRunner` for one rank, a `GroupRunner` inside a worker group."""
+    if cfg.parallel.world_size == 1:
+        return ModelRunner(model, pool, eos_token_ids, seed=cfg.seed, exact_attention=cfg.exact_attention)
+    world = current_world()
+    if world is None:
+        raise ValueError("parallel: a tp/pp group needs `engine.distributed.init_world` first")
+    return GroupRunner(model, pool, world, eos_token_ids, seed=cfg.seed, exact_attention=cfg.exact_attention)
