@@ -51,6 +51,9 @@ class PrefillPoolConfig(_Section):
     max_queued_prompt_tokens: int = Field(
         0, ge=0, description="per worker: prompt tokens not yet computed beyond which it refuses more (0: no limit)"
     )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="cuda: KV cache from this fraction of GPU memory (instead of kv_cache_memory)"
+    )
 
     @model_validator(mode="after")
     def _chunk_fits_batch(self) -> PrefillPoolConfig:
@@ -74,6 +77,11 @@ class DecodePoolConfig(_Section):
     pp: int = Field(1, ge=1)
     ep: int = Field(1, ge=1, description="expert-parallel ranks (MoE); must divide tp")
     max_num_seqs: int = Field(64, ge=1, description="sequences in one decode batch")
+    cuda_graphs: bool = Field(True, description="cuda: decode steps replayed from CUDA graphs")
+    overlap_scheduling: bool = Field(False, description="launch decode step N+1 before reading step N's tokens")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="cuda: KV cache from this fraction of GPU memory (instead of kv_cache_memory)"
+    )
 
     @model_validator(mode="after")
     def _ep_divides_tp(self) -> DecodePoolConfig:

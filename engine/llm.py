@@ -37,6 +37,9 @@ class LLM:
         random_weights: bool = False,
         seed: int = 0,
         exact_attention: bool = False,
+        cuda_graphs: bool = True,
+        gpu_memory_utilization: float | None = None,
+        overlap_scheduling: bool = False,
     ) -> None:
         path = Path(model)
         if not path.exists():
@@ -63,6 +66,9 @@ class LLM:
             seed=seed,
             random_weights=random_weights,
             exact_attention=exact_attention,
+            cuda_graphs=cuda_graphs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            overlap_scheduling=overlap_scheduling,
         )
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()

@@ -42,23 +42,32 @@ def step_seed(seed: int, k: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _flat_rows(rows: list[int], seqs: Sequence[Sequence[int]], device: torch.device) -> _TokenRows | None:
-    """Tokens ``seqs[j]`` of batch row ``rows[j]``, flattened with their row index: no [B, L]
-    padding, and rows that need no token lists (the common case) cost nothing. One
-    ``np.fromiter`` over all lists is ~4x faster than a tensor per row."""
-    lens = [len(s) for s in seqs]
-    total = sum(lens)
-    if total == 0:
-        return None
-    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
-    row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(lens))
-    return _TokenRows(row_idx.to(device), torch.from_numpy(ids).to(device))
+def draw_index(params: SamplingParams, num_output_tokens: int) -> int:
+    """``k`` of a seeded row's next draw: the index of the token being generated. One place,
+    so that every path that samples (`SamplingBatch.build`, `engine.sampling_state`) agrees."""
+    return num_output_tokens
 
 
 @dataclass(frozen=True)
-class _TokenRows:
+class TokenRows:
     rows: torch.Tensor  # [N] int64
     ids: torch.Tensor  # [N] int64
+
+    @classmethod
+    def flatten(cls, rows: list[int], seqs: Sequence[Sequence[int]], device: torch.device) -> TokenRows | None:
+        """Tokens ``seqs[j]`` of batch row ``rows[j]``, flattened with their row index: no [B, L]
+        padding, and rows that need no token lists (the common case) cost nothing. One
+        ``np.fromiter`` over all lists is ~4x faster than a tensor per row."""
+        lens = [len(s) for s in seqs]
+        total = sum(lens)
+        if total == 0:
+            return None
+        ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
+        row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(lens))
+        return cls(row_idx.to(device), torch.from_numpy(ids).to(device))
+
+
+_flat_rows = TokenRows.flatten
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,14 @@ class SamplingBatch:
     repetition: torch.Tensor | None  # [B] float32
     presence: torch.Tensor | None  # [B] float32
     frequency: torch.Tensor | None  # [B] float32
-    prompt_tokens: _TokenRows | None  # rows with a repetition penalty
-    output_tokens: _TokenRows | None  # rows with any penalty
-    suppress: _TokenRows | None  # (row, id) pairs banned until min_tokens is reached
+    prompt_tokens: TokenRows | None  # rows with a repetition penalty
+    output_tokens: TokenRows | None  # rows with any penalty
+    suppress: TokenRows | None  # (row, id) pairs banned until min_tokens is reached
     max_num_logprobs: int  # largest top-N asked for; 0 when none
+    # the same penalty inputs kept on the device across steps (`engine.sampling_state`): dense
+    # per-row output token counts and prompt-token masks instead of the token lists above
+    output_counts: torch.Tensor | None = None  # [B, V] int32
+    prompt_mask: torch.Tensor | None = None  # [B, V] bool
 
     @property
     def size(self) -> int:
@@ -128,7 +141,7 @@ class SamplingBatch:
                     sup_rows.append(i)
                     sup_ids.append(sorted(banned))
         seeds = tuple(
-            None if g or p.seed is None else step_seed(p.seed, len(out))
+            None if g or p.seed is None else step_seed(p.seed, draw_index(p, len(out)))
             for p, g, out in zip(params, greedy, output_ids)
         )
         return cls(
@@ -220,15 +233,20 @@ class Sampler:
 def apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """OpenAI presence/frequency (output tokens) and the CTRL repetition penalty (prompt and
     output tokens: positive logits divided, negative multiplied). Returns a new tensor."""
-    if batch.output_tokens is None and batch.prompt_tokens is None:
+    if batch.output_tokens is None and batch.prompt_tokens is None and batch.output_counts is None:
         return x
-    counts = torch.zeros_like(x)
-    if batch.output_tokens is not None:
-        t = batch.output_tokens
-        counts.index_put_((t.rows, t.ids), torch.ones_like(t.ids, dtype=x.dtype), accumulate=True)
+    if batch.output_counts is not None:
+        counts = batch.output_counts.to(x.dtype)
+    else:
+        counts = torch.zeros_like(x)
+        if batch.output_tokens is not None:
+            t = batch.output_tokens
+            counts.index_put_((t.rows, t.ids), torch.ones_like(t.ids, dtype=x.dtype), accumulate=True)
     if batch.repetition is not None:
         seen = counts > 0
-        if batch.prompt_tokens is not None:
+        if batch.prompt_mask is not None:
+            seen |= batch.prompt_mask
+        elif batch.prompt_tokens is not None:
             seen[batch.prompt_tokens.rows, batch.prompt_tokens.ids] = True
         r = batch.repetition[:, None].expand_as(x)
         penalised = torch.where(x > 0, x / r, x * r)
