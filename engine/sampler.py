@@ -93,6 +93,9 @@ class SamplingBatch:
     # per-row output token counts and prompt-token masks instead of the token lists above
     output_counts: torch.Tensor | None = None  # [B, V] int32
     prompt_mask: torch.Tensor | None = None  # [B, V] bool
+    # known on the host: the largest active top-k (0: none) and the rows with top-p < 1
+    top_k_max: int | None = None
+    top_p_rows: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -210,7 +213,7 @@ class Sampler:
         if batch.min_p is not None:
             x = apply_min_p(x, batch.min_p)
         if batch.top_k is not None or batch.top_p is not None:
-            x = apply_top_k_top_p(x, batch.top_k, batch.top_p)
+            x = apply_top_k_top_p(x, batch.top_k, batch.top_p, batch.top_k_max, batch.top_p_rows)
         probs = x.softmax(dim=-1)
         q = torch.ones_like(probs)
         shared_rows = [
@@ -266,19 +269,22 @@ def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(
-    x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
+    x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    k_max: int | None = None, p_rows: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Top-k, then top-p over the top-k renormalised distribution (vLLM's semantics).
 
     Both are applied as a *threshold on the logit value* (keep ``x >= t``), so tokens tied at
     the boundary are kept together and the result never depends on how a sort or top-k orders
-    ties: a row's kept set is a function of that row alone.
+    ties: a row's kept set is a function of that row alone. ``k_max`` (the largest active k,
+    0: none) and ``p_rows`` (rows with p < 1), when the caller knows them on the host, spare
+    the device->host syncs that would otherwise find them.
     """
     if top_k is not None:
-        x = _apply_top_k(x, top_k)
+        x = _apply_top_k(x, top_k, k_max)
     if top_p is None:
         return x
-    rows = (top_p < 1.0).nonzero().squeeze(1)
+    rows = p_rows if p_rows is not None else (top_p < 1.0).nonzero().squeeze(1)
     if rows.numel() == 0:
         return x
     xs = x[rows]
@@ -286,11 +292,12 @@ def apply_top_k_top_p(
     return x.index_put((rows,), xs)
 
 
-def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
     k_on = (top_k > 0) & (top_k < x.shape[-1])
-    if not bool(k_on.any()):
+    if k_max is None:
+        k_max = int(torch.where(k_on, top_k, 1).max()) if bool(k_on.any()) else 0
+    if k_max == 0:
         return x
-    k_max = int(torch.where(k_on, top_k, 1).max())
     kth = x.topk(k_max, dim=-1).values.gather(1, torch.where(k_on, top_k - 1, 0)[:, None])
     return x.masked_fill(x < torch.where(k_on[:, None], kth, _NEG_INF), _NEG_INF)
 

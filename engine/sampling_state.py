@@ -43,6 +43,8 @@ class SamplingState:
         self.prompt_mask: torch.Tensor | None = None  # [rows, V] bool: prompt tokens (repetition rows)
         self._size = 0
         self._pen_rows: torch.Tensor | None = None  # device index of rows with any penalty
+        self._top_k_max = 0
+        self._top_p_rows: torch.Tensor | None = None
         self._flags: dict[str, bool] = {}
         self._suppress_cache: tuple[tuple[int, ...], TokenRows | None] = ((), None)
 
@@ -110,6 +112,10 @@ class SamplingState:
             "pres": bool((f[_PRES] != 0.0).any()),
             "freq": bool((f[_FREQ] != 0.0).any()),
         }
+        on = [int(k) for k in self._top_k[:n] if 0 < k < self.vocab_size]
+        self._top_k_max = max(on) if on else 0  # inactive rows count as 1: no larger than an active k
+        p_rows = [r for r in range(n) if f[_TOP_P, r] < 1.0]
+        self._top_p_rows = torch.tensor(p_rows, dtype=torch.int64, device=self.device)
         pen = [r for r in range(n) if _has_penalty(self.params[r])]  # type: ignore[arg-type]
         self._pen_rows = torch.tensor(pen, dtype=torch.int64, device=self.device) if pen else None
         self._suppress_cache = ((), None)
@@ -145,6 +151,8 @@ class SamplingState:
             max_num_logprobs=max((p.logprobs or 0 for p in params if p is not None), default=0),
             output_counts=self.counts[:n] if self._pen_rows is not None and self.counts is not None else None,
             prompt_mask=self.prompt_mask[:n] if fl["rep"] and self.prompt_mask is not None else None,
+            top_k_max=self._top_k_max,
+            top_p_rows=self._top_p_rows,
         )
 
     def _suppress(self, seqs: Seq[Sequence]) -> TokenRows | None:
