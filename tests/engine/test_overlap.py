@@ -26,7 +26,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), eos_token_id=[1, 2, 3]))
 
 
-def _run(model: str, overlap: bool, **kw: object) -> tuple[list, int]:
+def _run(model: str, overlap: bool, **kw: object) -> tuple[list, int, int]:
     llm = LLM(model, random_weights=True, overlap_scheduling=overlap, max_num_seqs=8, max_model_len=256, **kw)
     engine = llm.engine
     launched = 0
@@ -45,7 +45,7 @@ def _run(model: str, overlap: bool, **kw: object) -> tuple[list, int]:
     assert engine.blocks.num_free_blocks == engine.blocks.num_total_blocks
     engine.check_integrity()
     got = [[(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs] for o in outs]
-    return got, launched
+    return got, launched, engine.scheduler.num_preemptions
 
 
 def _same(a: list, b: list) -> None:
@@ -62,8 +62,8 @@ def _same(a: list, b: list) -> None:
 
 @pytest.mark.parametrize("graphs", [True, False])
 def test_overlap_matches_synchronous_steps(tiny: str, graphs: bool) -> None:
-    on, overlapped = _run(tiny, True, cuda_graphs=graphs)
-    off, none = _run(tiny, False, cuda_graphs=graphs)
+    on, overlapped, _ = _run(tiny, True, cuda_graphs=graphs)
+    off, none, _ = _run(tiny, False, cuda_graphs=graphs)
     _same(on, off)
     assert overlapped > 10 and none == 0
 
@@ -84,3 +84,13 @@ def test_abort_while_a_step_is_in_flight(tiny: str) -> None:
                 finished[out.request_id] = len(out.outputs[0].token_ids)
     assert finished == {"r0": 50, "r2": 50}
     assert engine.blocks.num_free_blocks == engine.blocks.num_total_blocks
+
+
+def test_overlap_under_preemption_and_chunked_prefill(tiny: str) -> None:
+    """A pool too small for the batch (preemptions) and prompts split in chunks: the engine
+    leaves overlap whenever the next step could preempt or prefill, and tokens stay the same."""
+    kw = dict(num_kv_blocks=10, max_num_batched_tokens=16, cuda_graphs=True)
+    on, overlapped, preempted = _run(tiny, True, **kw)
+    off, _, _ = _run(tiny, False, **kw)
+    _same(on, off)
+    assert overlapped > 0 and preempted > 0
