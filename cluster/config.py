@@ -73,6 +73,9 @@ class PrefillPoolConfig(_Section):
         0, ge=0, description="per worker: prompt tokens not yet computed beyond which it refuses more (0: no limit)"
     )
     autoscaling: AutoscalingPoolConfig | None = Field(None, description="Ray Serve only: replica bounds")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="cuda: KV cache from this fraction of GPU memory (instead of kv_cache_memory)"
+    )
 
     @model_validator(mode="after")
     def _chunk_fits_batch(self) -> PrefillPoolConfig:
@@ -97,6 +100,11 @@ class DecodePoolConfig(_Section):
     ep: int = Field(1, ge=1, description="expert-parallel ranks (MoE); must divide tp")
     max_num_seqs: int = Field(64, ge=1, description="sequences in one decode batch")
     autoscaling: AutoscalingPoolConfig | None = Field(None, description="Ray Serve only: replica bounds")
+    cuda_graphs: bool = Field(True, description="cuda: decode steps replayed from CUDA graphs")
+    overlap_scheduling: bool = Field(False, description="launch decode step N+1 before reading step N's tokens")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="cuda: KV cache from this fraction of GPU memory (instead of kv_cache_memory)"
+    )
 
     @model_validator(mode="after")
     def _ep_divides_tp(self) -> DecodePoolConfig:

@@ -131,6 +131,15 @@ class BlockManager:
     def block_table(self, seq_id: SeqId) -> list[int]:
         return list(self._get(seq_id).table)
 
+    def num_committed_blocks(self, seq_id: SeqId) -> int:
+        """Leading blocks whose hash is known (0 without prefix caching): `commit` starts after them."""
+        return len(self._get(seq_id).hashes)
+
+    def block_table_view(self, seq_id: SeqId) -> Sequence[int]:
+        """The live table, not a copy (a step reads it; copying every table every step costs
+        host time that grows with the context). Read-only for the caller."""
+        return self._get(seq_id).table
+
     # ---- prefix lookup ------------------------------------------------------------------------
 
     def _match(self, token_ids: Sequence[int], num_tokens: int) -> tuple[list[int], list[int]]:
@@ -242,20 +251,24 @@ class BlockManager:
         self._seqs[child_id] = _SeqBlocks(table, p.num_slots, p.hashes[:full])
         return pairs
 
-    def commit(self, seq_id: SeqId, token_ids: Sequence[int]) -> None:
-        """Record that the KV of ``token_ids`` (all of the sequence's computed tokens) is written:
-        newly full blocks get their hash and become prefix-cache hits for later sequences."""
+    def commit(self, seq_id: SeqId, token_ids: Sequence[int], offset: int = 0) -> None:
+        """Record that the KV of ``token_ids`` (all of the sequence's computed tokens, or those
+        from ``offset`` on: a multiple of the block size within the already committed blocks) is
+        written: newly full blocks get their hash and become prefix-cache hits for later sequences."""
         s = self._get(seq_id)
-        if len(token_ids) > s.num_slots:
-            raise ValueError(f"commit: {len(token_ids)} tokens but {seq_id!r} has only {s.num_slots} slots")
+        total = offset + len(token_ids)
+        if total > s.num_slots:
+            raise ValueError(f"commit: {total} tokens but {seq_id!r} has only {s.num_slots} slots")
+        if offset % self.block_size or offset > len(s.hashes) * self.block_size:
+            raise ValueError(f"commit: offset {offset} is not a committed block boundary of {seq_id!r}")
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         run: list[int] = []
         run_parent: int | None = None
-        for i in range(len(s.hashes), len(token_ids) // bs):
+        for i in range(len(s.hashes), total // bs):
             parent = s.hashes[-1] if s.hashes else None
-            h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, token_ids[i * bs - offset : (i + 1) * bs - offset])
             s.hashes.append(h)
             b = s.table[i]
             if self._block_hash[b] is None and h not in self._hash_to_block:

@@ -266,6 +266,19 @@ class EngineConfig:
     # attention kernels in float64, bit-identical to the torch references (slow; for checks
     # and reproducible runs, see gpu_kernels/exact_attention.py); no effect on CPU
     exact_attention: bool = False
+    # decode steps replayed from CUDA graphs (`engine.cuda_graphs`); on CPU the same padded
+    # persistent inputs run eagerly. False: decode runs eagerly, unpadded
+    cuda_graphs: bool = True
+    # on CUDA: size the KV pool to this fraction of the device's memory, less what is in use
+    # after loading the weights and what activations and graphs need (`engine.kv_budget`);
+    # None: ``cache.memory_bytes`` (or ``cache.num_blocks``) as given. No effect on CPU.
+    gpu_memory_utilization: float | None = None
+    # schedule and launch decode step N+1 before reading step N's tokens (`engine.async_step`);
+    # off by default: a step then returns the previous decode step's outputs
+    overlap_scheduling: bool = False
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        u = self.gpu_memory_utilization
+        if u is not None and (isinstance(u, bool) or not isinstance(u, int | float) or not 0.0 < u <= 1.0):
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {u!r}")

@@ -44,6 +44,9 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         expert_parallel_size: int = 1,
+        cuda_graphs: bool = True,
+        gpu_memory_utilization: float | None = None,
+        overlap_scheduling: bool = False,
     ) -> None:
         """``tensor_parallel_size x pipeline_parallel_size`` ranks: this process is rank 0 and starts
         the others as follower processes (`close` stops them); ``expert_parallel_size`` (1 or the
@@ -80,6 +83,9 @@ class LLM:
             seed=seed,
             random_weights=random_weights,
             exact_attention=exact_attention,
+            cuda_graphs=cuda_graphs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            overlap_scheduling=overlap_scheduling,
         )
         self._followers: FollowerSet | None = None
         if self.config.parallel.world_size > 1:

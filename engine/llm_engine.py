@@ -8,16 +8,20 @@ one it is the offline engine.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
 
+from engine.async_step import InFlightStep, overlap_safe, place_holders
 from engine.block_manager import BlockManager, KVEvent
-from engine.config import EngineConfig, ModelConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.distributed.rank_setup import load_rank_model, rank_kv_layout
 from engine.distributed.runner import make_runner
 from engine.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError, RequestStepError
+from engine.kv_budget import StepShape, device_kv_bytes
 from engine.kv_cache_pool import KVCachePool
 from engine.kv_connector import KVArrival, KVConnector, KVFailure, KVPoll, KVStepOutcome
 from engine.model_runner import StepResult
@@ -30,6 +34,7 @@ from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 PromptInput = str | list[int] | list[dict[str, str]]
+log = logging.getLogger("splitserve.engine")
 
 
 class LLMEngine:
@@ -45,7 +50,7 @@ class LLMEngine:
             tuple(self.tokenizer.eos_token_ids) if self.tokenizer is not None else ()
         )
         self.eos_token_ids = eos
-        self.layout = rank_kv_layout(self.model_config, cfg)
+        self.layout = rank_kv_layout(self.model_config, cfg, self._kv_cache_config())
         self.pool = KVCachePool(self.layout, cfg.device)
         self.blocks = BlockManager(
             self.layout.num_blocks, self.layout.block_size,
@@ -53,10 +58,26 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(cfg.scheduler, self.blocks)
         self.runner = make_runner(self.model, self.pool, eos, cfg)
+        self.runner.capture_graphs()
         self.outputs = OutputProcessor(self.tokenizer, eos, cfg.scheduler.max_model_len)
         self._seqs: dict[str, Sequence] = {}
         self._kv_params: dict[str, object] = {}  # remote prompts waiting for blocks -> connector's params
         self._step_requests: frozenset[str] = frozenset()  # what the last step scheduled
+        self._inflight: InFlightStep | None = None  # a decode step whose tokens are not read yet
+
+    def _kv_cache_config(self) -> CacheConfig:
+        """The cache config with ``memory_bytes`` measured from free GPU memory when
+        ``gpu_memory_utilization`` asks for it (after the weights are loaded: now)."""
+        cfg = self.cfg
+        u = cfg.gpu_memory_utilization
+        # a worker group's ranks must agree on one block count: they keep the configured bytes
+        if (u is None or cfg.parallel.world_size > 1 or cfg.cache.num_blocks is not None
+                or torch.device(cfg.device).type != "cuda"):
+            return cfg.cache
+        shape = StepShape(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs)
+        kv = device_kv_bytes(torch.device(cfg.device), self.model_config, cfg.dtype, shape, u, cfg.cuda_graphs)
+        log.info("KV cache: %.2f GiB (gpu_memory_utilization=%s)", kv / 2**30, u)
+        return dataclasses.replace(cfg.cache, memory_bytes=kv)
 
     def attach_kv_connector(self, connector: KVConnector) -> None:
         """For a worker that builds its connector around an engine it was given (one per engine)."""
@@ -170,8 +191,9 @@ class LLMEngine:
         return bool(self.outputs.requests)
 
     def has_schedulable_requests(self) -> bool:
-        """True while a step would run the model (remote prefills wait for their peer instead)."""
-        return self.scheduler.has_unfinished()
+        """True while a step would run the model (remote prefills wait for their peer instead)
+        or a step's tokens are still to be read."""
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- what a worker reports ---------------------------------------------------------------
 
@@ -218,27 +240,46 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         outputs = self.poll_kv()
+        if self._inflight is not None and not overlap_safe(self.scheduler, self.blocks.num_free_blocks):
+            outputs += self._finish_inflight()
         sched = self.scheduler.schedule()
         self._step_requests = frozenset(s.seq.request_id for s in sched.scheduled)
         if sched.is_empty:
-            return outputs
-        tables = [self.blocks.block_table(s.seq.seq_id) for s in sched.scheduled]
+            return outputs + (self._finish_inflight() if self._inflight is not None else [])
+        tables = [self.blocks.block_table_view(s.seq.seq_id) for s in sched.scheduled]
         conn = self.kv_connector
-        if conn is None:
-            return outputs + self.update(sched, self.runner.execute(sched.scheduled, tables))
-        hook = conn.save_layer if conn.start_step(sched.scheduled, tables) else None
+        hook = conn.save_layer if conn is not None and conn.start_step(sched.scheduled, tables) else None
         try:
-            hidden, meta = self.runner.forward(sched.scheduled, tables, on_layer_done=hook)
+            fwd = self.runner.run(sched.scheduled, tables, on_layer_done=hook)
         finally:
-            conn.end_forward()
-        result = self.runner.sample(sched.scheduled, hidden, meta)
-        return outputs + self.update(sched, result, conn.end_step(sched.scheduled, result))
+            if conn is not None:
+                conn.end_forward()
+        pending = self.runner.sample_async(fwd)
+        if self._inflight is not None:  # the previous step's outputs, while the GPU runs this one
+            outputs += self._finish_inflight()
+        if self.cfg.overlap_scheduling and fwd.decode_path:
+            self._inflight = place_holders(self.scheduler, sched, pending)
+            return outputs
+        result = pending.wait()
+        return outputs + self.update(sched, result, conn.end_step(sched.scheduled, result) if conn else None)
+
+    def _finish_inflight(self) -> list[RequestOutput]:
+        """Read the step in flight's tokens and run what `update` runs after the scheduler."""
+        inflight, self._inflight = self._inflight, None
+        assert inflight is not None
+        result = inflight.resolve(self._seqs)
+        conn = self.kv_connector
+        kv = conn.end_step(inflight.sched.scheduled, result) if conn is not None else None
+        return self._after_tokens(result, kv)
 
     def update(
         self, sched: SchedulerOutput, result: StepResult, kv: KVStepOutcome | None = None
     ) -> list[RequestOutput]:
         """Apply sampled tokens, run stop checks, free finished sequences, emit outputs."""
         self.scheduler.update_from_output(sched, result.tokens())
+        return self._after_tokens(result, kv)
+
+    def _after_tokens(self, result: StepResult, kv: KVStepOutcome | None) -> list[RequestOutput]:
         _record_logprobs(self._seqs, result)
         failed = {f.request_id: f for f in kv.failed} if kv is not None else {}
         delivered = kv.done if kv is not None else set()

@@ -1,7 +1,13 @@
 """`ModelRunner`: turns a scheduled batch into model inputs, runs the model, samples.
 
-It owns the model and the `KVCachePool` of one rank. Inputs are built with tensor ops over
-per-sequence ranges; the only Python loop is over sequences, never over tokens of the vocab.
+It owns the model and the `KVCachePool` of one rank. A step is ``run()`` (the forward, and the
+logits of the rows that sample) then ``sample()``. Decode-only steps take the persistent-input
+path (`engine.input_batch`, `engine.cuda_graphs`): host work per row is O(1), and on CUDA the
+forward is a graph replay. Prefill and mixed steps build their inputs with tensor ops over
+per-sequence ranges (`prepare`, `forward`). Rows that sample keep their row across steps
+(`BatchRows`), and so do their sampling parameters (`engine.sampling_state`).
+
+Tensor-parallel rank groups override `forward` (eager steps) and `forward_decode` (decode steps).
 """
 
 from __future__ import annotations
@@ -14,25 +20,29 @@ import torch
 
 from engine.attention import LayerKV
 from engine.attention_metadata import AttentionMetadata
+from engine.cuda_graphs import DecodeGraphs
+from engine.input_batch import PLACEHOLDER_TOKEN, BatchRows, DecodeInputs, last_token
 from engine.kv_cache_pool import KVCachePool
 from engine.models.llama import LayerHook, LlamaForCausalLM
-from engine.sampler import Sampler, SamplerOutput, SamplingBatch
+from engine.sampler import Sampler
+from engine.sampling_state import SamplingState
 from engine.scheduler import ScheduledSeq
+from engine.sequence import Sequence
+from engine.step_output import PendingSample, StepResult
 from gpu_kernels import ops
+
+__all__ = ["ForwardOutput", "ModelRunner", "PendingSample", "StepResult"]
 
 
 @dataclass
-class StepResult:
-    """Sampled tokens of the sequences that reached their last known token this step."""
+class ForwardOutput:
+    """What `ModelRunner.run` leaves for `ModelRunner.sample`."""
 
-    seq_ids: list[str]
-    output: SamplerOutput | None
-
-    def tokens(self) -> dict[str, list[int]]:
-        """New tokens per sequence: one each today; a list so speculative decoding can add several."""
-        if self.output is None:
-            return {}
-        return {seq_id: [tok] for seq_id, tok in zip(self.seq_ids, self.output.token_ids.tolist())}
+    seqs: list[Sequence]  # the rows that sample, in row order
+    logits: torch.Tensor | None  # [len(seqs), V] float32
+    hidden: torch.Tensor  # [T, D] (padded rows included on the decode path)
+    meta: AttentionMetadata
+    decode_path: bool  # persistent inputs (and a CUDA graph where captured)
 
 
 class ModelRunner:
@@ -43,6 +53,10 @@ class ModelRunner:
         eos_token_ids: Seq[int] = (),
         seed: int | None = None,
         exact_attention: bool = False,
+        *,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.exact_attention = exact_attention
@@ -51,6 +65,21 @@ class ModelRunner:
         self.eos_token_ids = tuple(eos_token_ids)
         self.sampler = Sampler(seed)
         self.caches = [LayerKV(pool.layer(i), pool.k_scale, pool.v_scale) for i in range(pool.layout.num_layers)]
+        bs = pool.block_size
+        max_blocks = pool.num_blocks if max_model_len is None else min(pool.num_blocks, -(-max_model_len // bs))
+        self.rows = BatchRows()
+        self.inputs = DecodeInputs(max_num_seqs, max_blocks, bs, self.device)
+        self.sampling = SamplingState(max_num_seqs, model.cfg.vocab_size, self.eos_token_ids, self.device)
+        # the last sampled tokens, on the device, and the rows they were sampled in
+        self._prev_tokens: torch.Tensor | None = None
+        self._prev_index: dict[str, int] = {}
+        self.graphs = DecodeGraphs(
+            model, self.caches, self.inputs, max_num_seqs, pad=cuda_graphs, exact_attention=exact_attention
+        )
+
+    def capture_graphs(self) -> None:
+        """Capture the decode graphs (CUDA, ``cuda_graphs`` on); after the KV pool exists."""
+        self.graphs.capture()
 
     def prepare(
         self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]]
@@ -101,26 +130,75 @@ class ModelRunner:
         return hidden, meta
 
     @torch.inference_mode()
-    def sample(
-        self, scheduled: Seq[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata
-    ) -> StepResult:
-        rows = [i for i, s in enumerate(scheduled) if s.samples]
-        if not rows:
-            return StepResult([], None)
-        last = (meta.query_start_loc[1:] - 1).long()[torch.tensor(rows, device=hidden.device)]
-        logits = self.model.logits(hidden[last])
-        seqs = [scheduled[i].seq for i in rows]
-        batch = SamplingBatch.build(
-            [s.params for s in seqs],
-            [s.prompt_token_ids for s in seqs],
-            [s.output_token_ids for s in seqs],
-            eos_token_ids=self.eos_token_ids,
-            device=logits.device,
+    def run(
+        self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]], on_layer_done: LayerHook | None = None
+    ) -> ForwardOutput:
+        """The step's forward and the logits of its sampling rows (in row order)."""
+        sampling, by_row, seqs = self.assign_rows(scheduled)
+        if self._decode_only(scheduled, sampling, on_layer_done):
+            hidden, meta = self.forward_decode(seqs, [block_tables[i] for i in by_row])
+            logits = self.model.logits(hidden[: len(seqs)])
+            return ForwardOutput(seqs, logits, hidden, meta, decode_path=True)
+        hidden, meta = self.forward(scheduled, block_tables, on_layer_done)
+        logits = None
+        if seqs:
+            ends, total = [], 0
+            for s in scheduled:
+                total += s.num_new_tokens
+                ends.append(total - 1)
+            last = torch.tensor([ends[i] for i in by_row], dtype=torch.int64, device=hidden.device)
+            logits = self.model.logits(hidden[last])
+        return ForwardOutput(seqs, logits, hidden, meta, decode_path=False)
+
+    def assign_rows(self, scheduled: Seq[ScheduledSeq]) -> tuple[list[int], list[int], list[Sequence]]:
+        """Give the sampling sequences their batch rows (persistent inputs and sampling state
+        follow the batch's changes): the sampling indices in ``scheduled``, the index of each
+        row's sequence, and the sequences in row order."""
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        changes = self.rows.update([scheduled[i].seq.seq_id for i in sampling])
+        by_row = [0] * len(sampling)
+        for i in sampling:
+            by_row[self.rows.index[scheduled[i].seq.seq_id]] = i
+        seqs = [scheduled[i].seq for i in by_row]
+        self.inputs.apply(changes)
+        self.sampling.apply(changes, seqs)
+        return sampling, by_row, seqs
+
+    def _decode_only(self, scheduled: Seq[ScheduledSeq], sampling: list[int], hook: LayerHook | None) -> bool:
+        return (
+            hook is None
+            and 0 < len(scheduled) == len(sampling) <= self.inputs.max_rows
+            and all(s.num_new_tokens == 1 for s in scheduled)
         )
-        return StepResult([s.seq_id for s in seqs], self.sampler(logits, batch))
+
+    def forward_decode(
+        self, seqs: Seq[Sequence], block_tables: Seq[Seq[int]]
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """One new token per row (``seqs[r]`` in row ``r``): hidden states ``[padded, D]``."""
+        padded = self.graphs.padded_size(len(seqs))
+        pending = [
+            (r, self._prev_index[s.seq_id]) for r, s in enumerate(seqs) if last_token(s) == PLACEHOLDER_TOKEN
+        ]
+        input_ids, meta = self.inputs.prepare(seqs, block_tables, padded, pending, self._prev_tokens)
+        return self.graphs.run(input_ids, meta), meta
+
+    @torch.inference_mode()
+    def sample_async(self, fwd: ForwardOutput) -> PendingSample:
+        """Sample on the device and start the one device->host copy; the tokens also stay on the
+        device for the next decode step's inputs (`engine.async_step`)."""
+        ids = [s.seq_id for s in fwd.seqs]
+        if not fwd.seqs or fwd.logits is None:
+            return PendingSample(ids, None)
+        out = self.sampler(fwd.logits, self.sampling.batch(fwd.seqs))
+        self.sampling.record(out.token_ids)
+        self._prev_tokens, self._prev_index = out.token_ids, self.rows.index
+        return PendingSample(ids, out)
+
+    def sample(self, fwd: ForwardOutput) -> StepResult:
+        return self.sample_async(fwd).wait()
 
     def execute(
         self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]], on_layer_done: LayerHook | None = None
     ) -> StepResult:
-        hidden, meta = self.forward(scheduled, block_tables, on_layer_done)
-        return self.sample(scheduled, hidden, meta)
+        return self.sample(self.run(scheduled, block_tables, on_layer_done))
+

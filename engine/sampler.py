@@ -42,23 +42,32 @@ def step_seed(seed: int, k: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _flat_rows(rows: list[int], seqs: Sequence[Sequence[int]], device: torch.device) -> _TokenRows | None:
-    """Tokens ``seqs[j]`` of batch row ``rows[j]``, flattened with their row index: no [B, L]
-    padding, and rows that need no token lists (the common case) cost nothing. One
-    ``np.fromiter`` over all lists is ~4x faster than a tensor per row."""
-    lens = [len(s) for s in seqs]
-    total = sum(lens)
-    if total == 0:
-        return None
-    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
-    row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(lens))
-    return _TokenRows(row_idx.to(device), torch.from_numpy(ids).to(device))
+def draw_index(params: SamplingParams, num_output_tokens: int) -> int:
+    """``k`` of a seeded row's next draw: the index of the token being generated. One place,
+    so that every path that samples (`SamplingBatch.build`, `engine.sampling_state`) agrees."""
+    return num_output_tokens
 
 
 @dataclass(frozen=True)
-class _TokenRows:
+class TokenRows:
     rows: torch.Tensor  # [N] int64
     ids: torch.Tensor  # [N] int64
+
+    @classmethod
+    def flatten(cls, rows: list[int], seqs: Sequence[Sequence[int]], device: torch.device) -> TokenRows | None:
+        """Tokens ``seqs[j]`` of batch row ``rows[j]``, flattened with their row index: no [B, L]
+        padding, and rows that need no token lists (the common case) cost nothing. One
+        ``np.fromiter`` over all lists is ~4x faster than a tensor per row."""
+        lens = [len(s) for s in seqs]
+        total = sum(lens)
+        if total == 0:
+            return None
+        ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
+        row_idx = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64), torch.tensor(lens))
+        return cls(row_idx.to(device), torch.from_numpy(ids).to(device))
+
+
+_flat_rows = TokenRows.flatten
 
 
 @dataclass(frozen=True)
@@ -76,10 +85,17 @@ class SamplingBatch:
     repetition: torch.Tensor | None  # [B] float32
     presence: torch.Tensor | None  # [B] float32
     frequency: torch.Tensor | None  # [B] float32
-    prompt_tokens: _TokenRows | None  # rows with a repetition penalty
-    output_tokens: _TokenRows | None  # rows with any penalty
-    suppress: _TokenRows | None  # (row, id) pairs banned until min_tokens is reached
+    prompt_tokens: TokenRows | None  # rows with a repetition penalty
+    output_tokens: TokenRows | None  # rows with any penalty
+    suppress: TokenRows | None  # (row, id) pairs banned until min_tokens is reached
     max_num_logprobs: int  # largest top-N asked for; 0 when none
+    # the same penalty inputs kept on the device across steps (`engine.sampling_state`): dense
+    # per-row output token counts and prompt-token masks instead of the token lists above
+    output_counts: torch.Tensor | None = None  # [B, V] int32
+    prompt_mask: torch.Tensor | None = None  # [B, V] bool
+    # known on the host: the largest active top-k (0: none) and the rows with top-p < 1
+    top_k_max: int | None = None
+    top_p_rows: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -128,7 +144,7 @@ class SamplingBatch:
                     sup_rows.append(i)
                     sup_ids.append(sorted(banned))
         seeds = tuple(
-            None if g or p.seed is None else step_seed(p.seed, len(out))
+            None if g or p.seed is None else step_seed(p.seed, draw_index(p, len(out)))
             for p, g, out in zip(params, greedy, output_ids)
         )
         return cls(
@@ -197,7 +213,7 @@ class Sampler:
         if batch.min_p is not None:
             x = apply_min_p(x, batch.min_p)
         if batch.top_k is not None or batch.top_p is not None:
-            x = apply_top_k_top_p(x, batch.top_k, batch.top_p)
+            x = apply_top_k_top_p(x, batch.top_k, batch.top_p, batch.top_k_max, batch.top_p_rows)
         probs = x.softmax(dim=-1)
         q = torch.ones_like(probs)
         shared_rows = [
@@ -220,15 +236,20 @@ class Sampler:
 def apply_penalties(x: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """OpenAI presence/frequency (output tokens) and the CTRL repetition penalty (prompt and
     output tokens: positive logits divided, negative multiplied). Returns a new tensor."""
-    if batch.output_tokens is None and batch.prompt_tokens is None:
+    if batch.output_tokens is None and batch.prompt_tokens is None and batch.output_counts is None:
         return x
-    counts = torch.zeros_like(x)
-    if batch.output_tokens is not None:
-        t = batch.output_tokens
-        counts.index_put_((t.rows, t.ids), torch.ones_like(t.ids, dtype=x.dtype), accumulate=True)
+    if batch.output_counts is not None:
+        counts = batch.output_counts.to(x.dtype)
+    else:
+        counts = torch.zeros_like(x)
+        if batch.output_tokens is not None:
+            t = batch.output_tokens
+            counts.index_put_((t.rows, t.ids), torch.ones_like(t.ids, dtype=x.dtype), accumulate=True)
     if batch.repetition is not None:
         seen = counts > 0
-        if batch.prompt_tokens is not None:
+        if batch.prompt_mask is not None:
+            seen |= batch.prompt_mask
+        elif batch.prompt_tokens is not None:
             seen[batch.prompt_tokens.rows, batch.prompt_tokens.ids] = True
         r = batch.repetition[:, None].expand_as(x)
         penalised = torch.where(x > 0, x / r, x * r)
@@ -248,19 +269,22 @@ def apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def apply_top_k_top_p(
-    x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
-) -> torch.Tensor:
+    x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+    k_max: int | None = None, p_rows: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Top-k, then top-p over the top-k renormalised distribution (vLLM's semantics).
 
     Both are applied as a *threshold on the logit value* (keep ``x >= t``), so tokens tied at
     the boundary are kept together and the result never depends on how a sort or top-k orders
-    ties: a row's kept set is a function of that row alone.
+    ties: a row's kept set is a function of that row alone. ``k_max`` (the largest active k,
+    0: none) and ``p_rows`` (rows with p < 1), when the caller knows them on the host, spare
+    the device->host syncs that would otherwise find them.
     """
     if top_k is not None:
-        x = _apply_top_k(x, top_k)
+        x = _apply_top_k(x, top_k, k_max)
     if top_p is None:
         return x
-    rows = (top_p < 1.0).nonzero().squeeze(1)
+    rows = p_rows if p_rows is not None else (top_p < 1.0).nonzero().squeeze(1)
     if rows.numel() == 0:
         return x
     xs = x[rows]
@@ -268,11 +292,12 @@ def apply_top_k_top_p(
     return x.index_put((rows,), xs)
 
 
-def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def _apply_top_k(x: torch.Tensor, top_k: torch.Tensor, k_max: int | None = None) -> torch.Tensor:
     k_on = (top_k > 0) & (top_k < x.shape[-1])
-    if not bool(k_on.any()):
+    if k_max is None:
+        k_max = int(torch.where(k_on, top_k, 1).max()) if bool(k_on.any()) else 0
+    if k_max == 0:
         return x
-    k_max = int(torch.where(k_on, top_k, 1).max())
     kth = x.topk(k_max, dim=-1).values.gather(1, torch.where(k_on, top_k - 1, 0)[:, None])
     return x.masked_fill(x < torch.where(k_on[:, None], kth, _NEG_INF), _NEG_INF)
 

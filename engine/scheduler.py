@@ -189,8 +189,12 @@ class Scheduler:
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> None:
         """Advance progress, append sampled tokens (several per sequence once speculative decoding
         accepts drafts), and publish newly full blocks to the prefix cache."""
+        bs = self.blocks.block_size
         for s in out.scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_new_tokens
             seq.output_token_ids.extend(sampled.get(seq.seq_id, ()))
-            self.blocks.commit(seq.seq_id, seq.token_slice(0, seq.num_computed_tokens))
+            n = seq.num_computed_tokens
+            done = self.blocks.num_committed_blocks(seq.seq_id) * bs
+            if self.blocks.enable_prefix_caching and n - done >= bs:  # a block filled: hash it
+                self.blocks.commit(seq.seq_id, seq.token_slice(done, n), offset=done)

@@ -66,4 +66,6 @@ class Sequence:
         n = self.num_prompt_tokens
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= n:  # decode: a slice of the outputs, never a copy of the whole sequence
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]

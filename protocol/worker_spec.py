@@ -65,6 +65,9 @@ class WorkerSpec:
     pp_rank: int = 0
     ep_size: int = 1  # MoE experts split over the tensor ranks (1 or tp_size)
     group_address: str = ""  # host:port where a tp x pp group's ranks rendezvous (set by the launcher)
+    cuda_graphs: bool = True  # decode steps from CUDA graphs (engine.cuda_graphs)
+    gpu_memory_utilization: float | None = None  # KV pool from free GPU memory (engine.kv_budget)
+    overlap_scheduling: bool = False  # decode: launch step N+1 before reading step N (engine.async_step)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -85,6 +88,9 @@ class WorkerSpec:
         tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
         if any(tls) and not all(tls):
             raise WorkerSpecError("tls_cert_file, tls_key_file, tls_ca_file: give all three or none")
+        u = self.gpu_memory_utilization
+        if u is not None and (isinstance(u, bool) or not isinstance(u, int | float) or not 0 < u <= 1):
+            raise WorkerSpecError(f"gpu_memory_utilization: must be in (0, 1], got {u!r}")
         try:
             parse_dtype(self.dtype)
             self.parallel_config()
@@ -145,4 +151,7 @@ class WorkerSpec:
             seed=self.seed,
             random_weights=self.random_weights,
             exact_attention=self.exact_attention,
+            cuda_graphs=self.cuda_graphs,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            overlap_scheduling=self.overlap_scheduling,
         )

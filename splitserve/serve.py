@@ -77,8 +77,12 @@ def worker_specs(
     seqs = config.decode.max_num_seqs
     own: dict[str, dict[str, Any]] = {
         "prefill": dict(max_queued_requests=config.prefill.max_queued_requests,
-                        max_queued_prompt_tokens=config.prefill.max_queued_prompt_tokens),
-        "decode": {},
+                        max_queued_prompt_tokens=config.prefill.max_queued_prompt_tokens,
+                        gpu_memory_utilization=config.prefill.gpu_memory_utilization,
+                        cuda_graphs=False),  # every prefill step pushes KV per layer: eager
+        "decode": dict(gpu_memory_utilization=config.decode.gpu_memory_utilization,
+                       cuda_graphs=config.decode.cuda_graphs,
+                       overlap_scheduling=config.decode.overlap_scheduling),
     }
     shape: dict[str, dict[str, Any]] = {
         pool: dict(tp_size=sec.tp, pp_size=sec.pp, ep_size=getattr(sec, "ep", 1))

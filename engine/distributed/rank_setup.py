@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import CacheConfig, EngineConfig, ModelConfig
 from engine.kv_cache_pool import KVLayout
 from engine.layers.moe import EP_SINGLE, ExpertParallel
 from engine.model_loader import load_model
@@ -33,11 +33,13 @@ def load_rank_model(cfg: EngineConfig) -> tuple[ModelConfig, LlamaForCausalLM]:
     )
 
 
-def rank_kv_layout(model_cfg: ModelConfig, cfg: EngineConfig) -> KVLayout:
-    """The KV layout of this rank: its KV heads, its stage's layers, the group's block count."""
+def rank_kv_layout(model_cfg: ModelConfig, cfg: EngineConfig, cache: CacheConfig | None = None) -> KVLayout:
+    """The KV layout of this rank: its KV heads, its stage's layers, the group's block count
+    (``cache``: the budget to size from, when the engine measured one; else ``cfg.cache``)."""
     p = cfg.parallel
     group = ParallelGroup(tp_rank=p.tp_rank, tp_size=p.tp_size, pp_rank=p.pp_rank, pp_size=p.pp_size)
     heads = group.local_kv_heads(model_cfg.num_kv_heads)
     widest = max(len(stage_layers(model_cfg.num_layers, s, p.pp_size)) for s in range(p.pp_size))
-    layout = KVLayout.for_budget(model_cfg.replace(num_layers=widest), cfg.cache, cfg.dtype, num_kv_heads=heads)
+    budget = cache or cfg.cache
+    layout = KVLayout.for_budget(model_cfg.replace(num_layers=widest), budget, cfg.dtype, num_kv_heads=heads)
     return dataclasses.replace(layout, num_layers=len(group.stage_layers(model_cfg.num_layers)))

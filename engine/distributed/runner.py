@@ -1,6 +1,6 @@
 """`GroupRunner`: the model runner of one rank of a tensor/pipeline-parallel group.
 
-Rank 0 keeps the `ModelRunner` contract (forward, sample, execute) for the engine: it prepares
+Rank 0 keeps the `ModelRunner` contract (run, sample) for the engine: it prepares
 the batch as usual, splits it into micro-batches (one per pipeline stage), broadcasts the plan,
 runs its stage and samples the logits the last stage returns. Followers loop in `follow`.
 """
@@ -18,9 +18,8 @@ from engine.distributed.plan import MicroBatch, StepPlan, broadcast_plan
 from engine.distributed.stage import StageExecutor
 from engine.distributed.world import GroupRankError, World, current_world
 from engine.kv_cache_pool import KVCachePool
-from engine.model_runner import ModelRunner, StepResult
+from engine.model_runner import ForwardOutput, ModelRunner
 from engine.models.llama import LayerHook, LlamaForCausalLM
-from engine.sampler import SamplingBatch
 from engine.scheduler import ScheduledSeq
 
 
@@ -33,8 +32,14 @@ class GroupRunner(ModelRunner):
         eos_token_ids: Seq[int] = (),
         seed: int | None = None,
         exact_attention: bool = False,
+        *,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
     ) -> None:
-        super().__init__(model, pool, eos_token_ids, seed=seed, exact_attention=exact_attention)
+        super().__init__(
+            model, pool, eos_token_ids, seed=seed, exact_attention=exact_attention,
+            max_num_seqs=max_num_seqs, max_model_len=max_model_len, cuda_graphs=False,
+        )
         self.world = world
         self.stage = StageExecutor(model, self.caches, world)
         self._logits: torch.Tensor | None = None
@@ -65,26 +70,19 @@ class GroupRunner(ModelRunner):
         empty = torch.empty(0, device=self.device)
         return (self._logits if self._logits is not None else empty), meta
 
-    @torch.inference_mode()
-    def sample(self, scheduled: Seq[ScheduledSeq], hidden: torch.Tensor, meta: AttentionMetadata) -> StepResult:
-        seqs = [s.seq for s in scheduled if s.samples]
-        logits, self._logits = self._logits, None
-        if not seqs or logits is None:
-            return StepResult([], None)
-        batch = SamplingBatch.build(
-            [s.params for s in seqs],
-            [s.prompt_token_ids for s in seqs],
-            [s.output_token_ids for s in seqs],
-            eos_token_ids=self.eos_token_ids,
-            device=logits.device,
-        )
-        return StepResult([s.seq_id for s in seqs], self.sampler(logits, batch))
-
-    def execute(
+    def run(
         self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]], on_layer_done: LayerHook | None = None
-    ) -> StepResult:
-        hidden, meta = self.forward(scheduled, block_tables, on_layer_done)
-        return self.sample(scheduled, hidden, meta)
+    ) -> ForwardOutput:
+        """The group's step (never the single-rank decode graphs: the followers need the plan);
+        the last stage's logits come back in scheduled order and are put in row order for `sample`."""
+        sampling, by_row, seqs = self.assign_rows(scheduled)
+        logits, meta = self.forward(scheduled, block_tables, on_layer_done)
+        self._logits = None
+        if not seqs or logits.numel() == 0:
+            return ForwardOutput(seqs, None, logits, meta, decode_path=False)
+        order = {i: k for k, i in enumerate(sampling)}
+        rows = torch.tensor([order[i] for i in by_row], dtype=torch.int64, device=logits.device)
+        return ForwardOutput(seqs, logits[rows], logits, meta, decode_path=False)
 
     def follow(self) -> None:
         """A follower's life: run rank 0's plans until it says stop."""
@@ -107,8 +105,15 @@ def make_runner(
 ) -> ModelRunner:
     """A plain `ModelRunner` for one rank, a `GroupRunner` inside a worker group."""
     if cfg.parallel.world_size == 1:
-        return ModelRunner(model, pool, eos_token_ids, seed=cfg.seed, exact_attention=cfg.exact_attention)
+        return ModelRunner(
+            model, pool, eos_token_ids, seed=cfg.seed, exact_attention=cfg.exact_attention,
+            max_num_seqs=cfg.scheduler.max_num_seqs, max_model_len=cfg.scheduler.max_model_len,
+            cuda_graphs=cfg.cuda_graphs,
+        )
     world = current_world()
     if world is None:
         raise ValueError("parallel: a tp/pp group needs `engine.distributed.init_world` first")
-    return GroupRunner(model, pool, world, eos_token_ids, seed=cfg.seed, exact_attention=cfg.exact_attention)
+    return GroupRunner(
+        model, pool, world, eos_token_ids, seed=cfg.seed, exact_attention=cfg.exact_attention,
+        max_num_seqs=cfg.scheduler.max_num_seqs, max_model_len=cfg.scheduler.max_model_len,
+    )
