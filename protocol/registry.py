@@ -104,6 +104,7 @@ class LoadSnapshot:
     free_blocks: int = 0
     total_blocks: int = 0
     timestamp: float = field(default_factory=time.time)
+    draining: bool = False  # finishing what it has before it stops: the router sends it nothing new
 
     @property
     def kv_usage(self) -> float:
