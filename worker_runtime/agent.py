@@ -272,8 +272,7 @@ class WorkerAgent:
 
 
 def _load_key(load: LoadSnapshot) -> tuple[int, ...]:
-    return (load.queued_requests, load.queued_prefill_tokens, load.running_requests, load.free_blocks,
-            int(load.draining))
+    return (load.queued_requests, load.queued_prefill_tokens, load.running_requests, load.free_blocks)
 
 
 def attach_worker_agent(

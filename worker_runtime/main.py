@@ -25,6 +25,7 @@ from pathlib import Path
 
 from protocol.grpc_auth import set_process_tls
 from protocol.worker_spec import TOKEN_ENV, WorkerSpec, WorkerSpecError
+from worker_runtime.agent import PARENT_PID_ENV
 from worker_runtime.runtime import RunningWorker
 
 log = logging.getLogger("splitserve.worker")
@@ -68,13 +69,18 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
 
 def _serve_until_stopped(worker: RunningWorker, stop: threading.Event, drain: threading.Event) -> None:
     """Wait for SIGTERM; a `DRAIN_SIGNAL` first marks the worker draining in the control plane
-    (the router sends it nothing new; streams in flight finish here)."""
+    (the router sends it nothing new; streams in flight finish here). The launcher watch here
+    doubles the agent's, which keeps running while the worker drains."""
+    parent = int(os.environ[PARENT_PID_ENV]) if os.environ.get(PARENT_PID_ENV) else None
     drained = False
     while not stop.wait(0.2):
         if drain.is_set() and not drained:
             log.info("%s draining: taking nothing new, finishing what it has", worker.worker_id)
             worker.drain()
             drained = True
+        if drained and parent is not None and os.getppid() != parent:
+            log.warning("%s: launcher %s is gone while draining; stopping", worker.worker_id, parent)
+            return
 
 
 def main(starter: Starter, argv: list[str] | None = None) -> int:
