@@ -105,6 +105,7 @@ class LoadSnapshot:
     total_blocks: int = 0
     integrity_ok: bool = True  # the worker's last idle BlockManager.check_integrity() passed
     timestamp: float = field(default_factory=time.time)
+    draining: bool = False  # finishing what it has before it stops: the router sends it nothing new
 
     @property
     def kv_usage(self) -> float:

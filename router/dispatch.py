@@ -77,7 +77,9 @@ class ClusterView:
         return sorted(self._workers.values(), key=lambda w: w.worker_id)
 
     def snapshot(self) -> ClusterSnapshot:
-        ws = self.workers()
+        """The workers to route new requests to: a draining one still serves (and stays in
+        `workers`) but takes nothing new."""
+        ws = [w for w in self.workers() if not w.load.draining]
         return ClusterSnapshot(
             decode=[w for w in ws if w.info.pool == "decode"],
             prefill=[w for w in ws if w.info.pool == "prefill"],

@@ -25,6 +25,7 @@ mirror, so the router's index is exact again without asking the engine thread fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -128,7 +129,7 @@ class WorkerAgent:
                              f"({ttl_s:g}s), got {heartbeat_s:g}s")
         self.control_plane = control_plane
         self.info = info
-        self._load = load
+        self._worker_load = load
         self._drain = drain_kv_events
         self.heartbeat_s = heartbeat_s
         self.tick_s = tick_s
@@ -144,6 +145,7 @@ class WorkerAgent:
         self._thread = threading.Thread(target=self._run, name="worker-agent", daemon=True)
         self._beat_thread = threading.Thread(target=self._beat_loop, name="worker-heartbeat", daemon=True)
         self.beats = 0  # successful lease renewals by the heartbeat thread (tests read it)
+        self.draining = False  # set by `drain`: every load published from then on says so
 
     @property
     def worker_id(self) -> str:
@@ -153,6 +155,19 @@ class WorkerAgent:
         self._thread.start()
         self._beat_thread.start()
         return self
+
+    def _load(self) -> LoadSnapshot:
+        load = self._worker_load()
+        return dataclasses.replace(load, draining=True) if self.draining else load
+
+    def drain(self) -> None:
+        """Stay registered (streams in flight keep their worker) but tell the router to send
+        nothing new; the launcher stops the worker once it is idle. Published at once."""
+        self.draining = True
+        try:
+            self.control_plane.heartbeat(self.worker_id, self._load())
+        except Exception as e:  # the agent's next tick publishes it
+            log.warning("worker %s: could not publish draining: %s", self.worker_id, e)
 
     def stop(self, deregister: bool = True) -> None:
         """Stop beating and (by default) leave the registry at once instead of after the TTL."""
@@ -308,6 +323,6 @@ def attach_worker_agent(
         cp.close()
 
     worker.on_stop(stop)
-    if hasattr(worker, "on_drain"):  # draining = leaving the registry for good while still serving
-        worker.on_drain(agent.stop)
+    if hasattr(worker, "on_drain"):
+        worker.on_drain(agent.drain)
     return agent

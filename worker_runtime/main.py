@@ -73,13 +73,14 @@ def run(starter: Starter, spec: WorkerSpec, token: str) -> int:
 
 
 def _serve_until_stopped(worker: RunningWorker, stop: threading.Event, drain: threading.Event) -> None:
-    """Wait for SIGTERM; a `DRAIN_SIGNAL` first makes the worker leave the control plane (its
-    agent, and with it the launcher watch, stop), so this loop watches the launcher itself then."""
+    """Wait for SIGTERM; a `DRAIN_SIGNAL` first marks the worker draining in the control plane
+    (the router sends it nothing new; streams in flight finish here). The launcher watch here
+    doubles the agent's, which keeps running while the worker drains."""
     parent = int(os.environ[PARENT_PID_ENV]) if os.environ.get(PARENT_PID_ENV) else None
     drained = False
     while not stop.wait(0.2):
         if drain.is_set() and not drained:
-            log.info("%s draining: leaving the control plane, finishing what it has", worker.worker_id)
+            log.info("%s draining: taking nothing new, finishing what it has", worker.worker_id)
             worker.drain()
             drained = True
         if drained and parent is not None and os.getppid() != parent:

@@ -48,8 +48,9 @@ class RunningWorker:
         self._drains.append(fn)
 
     def drain(self) -> None:
-        """Take no new work (leave the control plane, so the router stops choosing this worker)
-        while what is in flight runs to its end; `stop` follows once the launcher saw it idle."""
+        """Take no new work (marked draining in the control plane, so the router stops choosing
+        this worker) while what is in flight runs to its end; `stop` follows once the launcher
+        saw it idle."""
         while self._drains:
             fn = self._drains.pop()
             try:

@@ -52,7 +52,9 @@ def serve_config(config: ClusterConfig, **options: Any) -> dict[str, Any]:
     Serve's HTTP proxies, ``EveryNode`` (behind a load balancer) or ``HeadOnly``."""
     check_ray_servable(config)
     proxy = options.pop("proxy_location", "EveryNode")
-    args: dict[str, Any] = {"config": config.to_dict(), **DEFAULT_ARGS, **options}
+    # only what differs from the defaults: the file stays short and valid as fields are added
+    args: dict[str, Any] = {"config": config.model_dump(mode="json", exclude_defaults=True), **DEFAULT_ARGS,
+                            **options}
     deployments: list[dict[str, Any]] = [{"name": ROUTER_DEPLOYMENT, "num_replicas": args["router_replicas"]}]
     for pool in _pools(config):
         deployments.append({"name": pool, **_replica_override(config, pool)})

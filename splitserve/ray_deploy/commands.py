@@ -10,6 +10,7 @@ import copy
 import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
@@ -34,6 +35,10 @@ def load_up_config(config_path: str | None, overrides: Mapping[str, Any]) -> Clu
     config = apply_overrides(load_config(config_path), dict(overrides))
     router_settings(config)
     check_ray_servable(config)
+    model = Path(config.model).expanduser()
+    if not config.is_embedded_model and not model.is_absolute() and model.exists():
+        # replicas run in other working directories: hand them a path that means the same folder
+        config = config.model_copy(update={"model": str(model.resolve())})
     return config
 
 

@@ -5,8 +5,8 @@ process (`cluster.local_workers.WorkerProcess`, the very spec and environment th
 uses), and answers Serve's ``check_health`` from the worker's own health. Request traffic never
 goes through Serve here: the router dials the worker's gRPC endpoint, found in the control plane.
 
-Removal (scale-down, ``down``) drains: the worker leaves the control plane (`DRAIN_SIGNAL`), so
-the router stops choosing it, finishes what it has, and only then gets SIGTERM. A worker that
+Removal (scale-down, ``down``) drains: the worker is told (`DRAIN_SIGNAL`) to publish itself as
+draining, so the router sends it nothing new, finishes what it has, and only then gets SIGTERM. A worker that
 dies (kill -9, OOM) fails the next health check and Serve replaces the replica.
 """
 
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 IDLE_CONFIRM_S = 1.0
 """How long a drained worker must stay idle before it is stopped: the router's view of the
-registry lags by its poll interval (0.25 s), so a request chosen just before the worker left
-may still arrive."""
+registry lags by its poll interval (0.25 s), so a request chosen just before the worker said
+it drains may still arrive."""
 
 
 def _is_idle(status: Any) -> bool:
@@ -86,7 +86,7 @@ class WorkerReplica:
         self.drain_and_stop()
 
     def drain_and_stop(self) -> None:
-        """Leave the control plane, wait until idle (or ``drain_timeout_s``), then stop the worker."""
+        """Mark the worker draining, wait until idle (or ``drain_timeout_s``), then stop it."""
         proc = getattr(self, "proc", None)
         if proc is None or proc.returncode is not None:
             return

@@ -1,6 +1,6 @@
-"""A worker sent `DRAIN_SIGNAL` leaves the control plane at once but keeps serving (what a Ray
-Serve scale-down relies on: the router stops choosing it, streams in flight finish), and still
-stops cleanly on SIGTERM afterwards."""
+"""A worker sent `DRAIN_SIGNAL` is marked draining in the control plane at once but stays
+registered and keeps serving (what a Ray Serve scale-down relies on: the router stops choosing
+it, streams in flight finish on it), and still stops cleanly on SIGTERM afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from cluster.redis_server import EmbeddedRedis
 from protocol.control_plane import ControlPlane
 from protocol.decode_client import DecodeClient
 from protocol.worker_spec import WorkerSpec
+from router.dispatch import ClusterView
 from worker_runtime.agent import REDIS_URL_ENV, REGISTRY_TTL_ENV
 from worker_runtime.main import DRAIN_SIGNAL
 
@@ -36,13 +37,19 @@ def test_drained_worker_leaves_registry_keeps_serving_then_stops(
     try:
         _wait(lambda: "decode-drain" in {w.worker_id for w in cp.list_workers()})
         os.kill(proc.pid, DRAIN_SIGNAL)
-        _wait(lambda: "decode-drain" not in {w.worker_id for w in cp.list_workers()})
-        time.sleep(4.0)  # longer than the TTL: it does not register again
-        assert "decode-drain" not in {w.worker_id for w in cp.list_workers()}
+        _wait(lambda: (load := cp.get_load("decode-drain")) is not None and load.draining)
+        time.sleep(4.0)  # longer than the TTL: it keeps beating, draining
+        assert "decode-drain" in {w.worker_id for w in cp.list_workers()}
+        assert cp.get_load("decode-drain").draining
         assert proc.alive()
         with DecodeClient(proc.address, TOKEN) as client:
             assert client.status().worker_id == "decode-drain"  # still serving
+        view = ClusterView(cp)
+        view.update_workers(cp.live_workers())
+        assert [w.worker_id for w in view.workers()] == ["decode-drain"]  # its streams keep their worker
+        assert [w.worker_id for w in view.snapshot().decode] == []  # routed nothing new
         assert proc.stop(timeout=30) == 0
+        assert "decode-drain" not in {w.worker_id for w in cp.list_workers()}  # a stopped worker deregisters
     finally:
         proc.kill()
         cp.close()

@@ -79,3 +79,12 @@ def test_kuberay_manifest_carries_the_current_dry_run_output() -> None:
     manifest = yaml.safe_load((ROOT / "deploy/kuberay/rayservice.yaml").read_text())
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert embedded == serve_config(load_config(ROOT / "deploy/kuberay/cluster.yaml"))
+
+
+def test_relative_model_folder_becomes_absolute_for_replicas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from splitserve.ray_deploy.commands import load_up_config
+
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert load_up_config(None, {"model": "models/m"}).model == str(tmp_path / "models" / "m")
+    assert load_up_config(None, {}).model == "smollm2"  # the embedded model's name stays a name

@@ -1,5 +1,5 @@
 """`splitserve up` on real Ray (the session's 3-node cluster): the embedded model with 1 prefill
-and 1 decode replica, served through Serve's proxy and our router, with the official `openai`
+and 1 decode replica behind 2 router replicas (Serve's proxy in front), with the official `openai`
 client; then live scaling and a killed worker under continuous load, then `down`.
 
 The tests run in file order on one deployment (module fixture): scale to 2 decode replicas,
@@ -27,7 +27,7 @@ from splitserve.ray_deploy.commands import _details, down, scale, status, up
 from tests.ray.load import ContinuousLoad
 
 CONFIG = "deploy/local.yaml"  # tcp transport, embedded Redis
-OPTIONS = {"health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "drain_timeout_s": 60.0,
+OPTIONS = {"router_replicas": 2, "health_check_period_s": 1.0, "health_check_timeout_s": 10.0, "drain_timeout_s": 60.0,
            "proxy_location": "HeadOnly"}
 QUESTION = "What is the capital of France?"
 
@@ -98,7 +98,7 @@ def test_status_lists_every_replica(deployed: str, capsys: pytest.CaptureFixture
     rows = [line.split() for line in out[1:-1]]
     assert sorted(r[0] for r in rows) == ["decode", "prefill"]
     assert all(r[4] == "RUNNING" and r[5] != "-" for r in rows)  # the worker answered its Status
-    assert out[-1] == "router replicas: 1"
+    assert out[-1] == "router replicas: 2"  # the ingress runs several replicas
 
 
 def test_scale_decode_to_two_under_load(deployed: str) -> None:
