@@ -27,7 +27,7 @@ from splitserve.serve import worker_specs
 
 IMPORT_PATH = "splitserve.ray_deploy.app:build_app"
 DEFAULT_ARGS: dict[str, Any] = {
-    "router_replicas": 1, "accelerator": None, "registry_ttl_s": 3.0,
+    "router_replicas": 1, "accelerator": None, "per_rank": 1.0, "registry_ttl_s": 3.0,
     "health_check_period_s": 10.0, "health_check_timeout_s": 30.0, "drain_timeout_s": 300.0,
 }
 
@@ -79,9 +79,10 @@ def _replica_override(config: ClusterConfig, pool: str) -> dict[str, Any]:
     return {"autoscaling_config": serve_autoscaling_config(auto, initial)}
 
 
-def current_plan(config: ClusterConfig, accelerator: str | None = None) -> PlacementPlan:
-    """`plan_placement` against the connected cluster's alive nodes."""
-    return plan_placement(config, nodes_from_ray(ray.nodes()), accelerator=accelerator)
+def current_plan(config: ClusterConfig, accelerator: str | None = None, per_rank: float = 1.0) -> PlacementPlan:
+    """`plan_placement` against the connected cluster's alive nodes (``per_rank``: the share of an
+    accelerator each rank reserves; below 1 several replicas share a GPU)."""
+    return plan_placement(config, nodes_from_ray(ray.nodes()), accelerator=accelerator, per_rank=per_rank)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -89,7 +90,7 @@ def build_app(args: dict[str, Any]) -> Application:
     opts = {**DEFAULT_ARGS, **args}
     config = config_from_dict(opts["config"], source="args.config")
     check_ray_servable(config)
-    plan = current_plan(config, opts["accelerator"])  # an impossible config is refused here
+    plan = current_plan(config, opts["accelerator"], float(opts["per_rank"]))  # an impossible config is refused here
     token, redis_url = ensure_control_plane(config)  # the token never travels in (logged) args
     ttl = float(opts["registry_ttl_s"])
     pools = [_pool_deployment(config, plan.pools[pool], opts).bind(

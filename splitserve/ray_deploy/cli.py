@@ -21,6 +21,11 @@ def _up(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"router_replicas": args.router_replicas}
     if args.accelerator:
         options["accelerator"] = args.accelerator
+    if args.per_rank != 1.0:
+        if not 0 < args.per_rank <= 1:
+            print(f"error: --per-rank: must be in (0, 1], got {args.per_rank:g}", file=sys.stderr)
+            return 2
+        options["per_rank"] = args.per_rank
     return up(args.config, address=args.address, overrides=overrides, dry_run=args.dry_run, options=options)
 
 
@@ -54,6 +59,8 @@ def add_commands(sub: Any) -> None:
     u.add_argument("--dry-run", action="store_true", help="print the Serve config (serve deploy / RayService)")
     u.add_argument("--router-replicas", type=int, default=1, help="router (ingress) replicas (default 1)")
     u.add_argument("--accelerator", help="resource reserved per rank (default GPU on cuda, CPU on cpu)")
+    u.add_argument("--per-rank", type=float, default=1.0,
+                   help="share of an accelerator each rank reserves (0.5: a prefill and a decode replica share a GPU)")
     u.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field (repeatable)")
     u.set_defaults(func=_up)
     s = sub.add_parser("scale", help="resize the pools of the deployed cluster, live")

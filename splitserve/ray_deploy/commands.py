@@ -68,7 +68,8 @@ def up(config_path: str | None, *, address: str | None = None, overrides: Mappin
 def _deploy(config: ClusterConfig, options: dict[str, Any], out: TextIO) -> int:
     from splitserve.ray_deploy.app import current_plan, serve_config
 
-    plan = current_plan(config, options.get("accelerator"))  # PlacementError (a ConfigError) before any start
+    # PlacementError (a ConfigError) before any start
+    plan = current_plan(config, options.get("accelerator"), float(options.get("per_rank", 1.0)))
     for pool in POOL_DEPLOYMENTS:
         if pool in plan.pools and plan.pools[pool].replicas:
             p = plan.pools[pool]
