@@ -88,7 +88,7 @@ def test_a_forward_that_raises_fails_that_step_and_the_loop_serves_on(
 ) -> None:
     reference, _ = _drain(_run(loop, "ref-2"))
     runner = loop.engine.runner
-    real = runner.forward
+    real = runner.run  # the step's forward, eager or replayed from a decode graph
     calls = {"n": 0}
 
     def flaky(*args: Any, **kw: Any) -> Any:
@@ -97,7 +97,7 @@ def test_a_forward_that_raises_fails_that_step_and_the_loop_serves_on(
             raise RuntimeError("CUDA error: an illegal memory access (injected)")
         return real(*args, **kw)
 
-    monkeypatch.setattr(runner, "forward", flaky)
+    monkeypatch.setattr(runner, "run", flaky)
     a, b = _run(loop, "a"), _run(loop, "b")
     (a_tokens, a_err), (b_tokens, b_err) = _drain(a), _drain(b)
     assert b_tokens == reference[: len(b_tokens)]
