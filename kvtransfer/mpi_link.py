@@ -122,8 +122,11 @@ class MpiEngine:
         self._groups.clear()
 
     # ------------------------------------------------------------------ on the progress thread
-    def pool_device(self, is_cuda: bool) -> None:
-        self._cuda = is_cuda
+    def pool_device(self, device: torch.device) -> None:
+        """CUDA pools are staged on this thread: make the pool's device current here."""
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            self.call(lambda: torch.cuda.set_device(device))
 
     def connect(self, address: bytes, link: int, hello: dict[str, Any] | None) -> MpiEp:
         try:

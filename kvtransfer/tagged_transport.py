@@ -117,7 +117,7 @@ class TaggedTransport(KVTransport):
     # ------------------------------------------------------------------ set-up
     def _register(self, pool: KVCachePool) -> None:
         self._views = wire.PoolViews(pool)
-        self._engine.pool_device(self._views.is_cuda)
+        self._engine.pool_device(pool.kv.device)
 
     def _endpoint(self) -> dict[str, Any]:
         return {"address": self._engine.address, "nonce": self._nonce}
