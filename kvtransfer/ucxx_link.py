@@ -179,8 +179,8 @@ class ProgressEngine:
     def _safe(fn: Callable[[Any], None], arg: Any) -> None:
         try:
             fn(arg)
-        except (KVTransferError, ValueError, KeyError, TypeError) as exc:  # a peer's bad message
-            log.warning("ucxx: %s", exc)
+        except Exception as exc:  # a peer's bad message, or our bug: never the progress thread's end
+            log.warning("ucxx: %s", exc, exc_info=not isinstance(exc, KVTransferError))
 
 
 def _make_current(device: torch.device) -> None:
