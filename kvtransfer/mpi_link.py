@@ -6,8 +6,8 @@ peer's rank. A peer in another job is refused at the handshake with a clear erro
 all (pmodels/mpich#7805), and a thread blocked in ``Comm.Accept`` holds MPICH's global lock,
 stalling every other MPI call of the process (tried: the progress thread froze).
 
-A tag is ``receiver channel (9 bits) << 20 | slot``: each transport draws a channel, so two
-transports of one process (tests) never take each other's messages; slot ``0xFFFFF`` carries
+A tag is ``receiver channel (9 bits) << 20 | slot``: each transport of a process gets its own
+channel, so two transports of one process (tests) never take each other's messages; slot ``0xFFFFF`` carries
 control messages, the others data. MPI has no completion fd: the thread ``Test``s its
 requests and sleeps between rounds, backing off to `_IDLE_WAIT_S` while nothing happens (a
 connected idle transport costs well under 1 % of a core; an idle peer's first notification
@@ -17,6 +17,7 @@ staged through pinned host buffers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import secrets
@@ -46,6 +47,8 @@ CTRL_SLOT = 0xFFFFF
 WORLD_ENV = "SPLITSERVE_MPI_WORLD"  # set by cluster.mpi_launcher: one id for every rank of the job
 _BUSY_WAIT_S, _IDLE_WAIT_S = 50e-6, 0.02
 _world: str | None = None
+# distinct per transport of this process (ranks differ anyway: a message goes to one rank)
+_channels = (1 + (start + i) % 511 for start in [secrets.randbelow(511)] for i in itertools.count())
 
 
 def tag(channel: int, slot: int) -> int:
@@ -70,6 +73,9 @@ class MpiEp:
     rank: int
     channel: int
 
+    def close(self) -> None:
+        """Nothing to tear down: ``COMM_WORLD`` outlives every link."""
+
 
 @dataclass(eq=False)
 class _Group:
@@ -84,7 +90,7 @@ class MpiEngine:
                  on_endpoint_error: Callable[[int], None]) -> None:
         MPI.COMM_WORLD.Set_errhandler(MPI.ERRORS_RETURN)
         MPI.COMM_SELF.Set_errhandler(MPI.ERRORS_RETURN)
-        self.channel = 1 + secrets.randbelow(511)
+        self.channel = next(_channels)
         self.world, self.rank = world_id(), MPI.COMM_WORLD.Get_rank()
         self.address: bytes = msgpack.packb({"world": self.world, "rank": self.rank, "channel": self.channel})
         self._on_control = on_control
@@ -122,8 +128,11 @@ class MpiEngine:
         self._groups.clear()
 
     # ------------------------------------------------------------------ on the progress thread
-    def pool_device(self, is_cuda: bool) -> None:
-        self._cuda = is_cuda
+    def pool_device(self, device: torch.device) -> None:
+        """CUDA pools are staged on this thread: make the pool's device current here."""
+        self._cuda = device.type == "cuda"
+        if self._cuda:
+            self.call(lambda: torch.cuda.set_device(device))
 
     def connect(self, address: bytes, link: int, hello: dict[str, Any] | None) -> MpiEp:
         try:
@@ -157,6 +166,7 @@ class MpiEngine:
                 for i, b in enumerate(bufs)]
 
     def track(self, requests: list[Any], done: Callable[[str | None], None], keep: list[Any] | None = None) -> None:
+        # the staging buffers of the `send`/`recv` whose requests these are (always tracked next)
         group = _Group(requests, done, [*(keep or []), *getattr(self, "_pending_keep", [])],
                        getattr(self, "_pending_copies", []))
         self._pending_keep, self._pending_copies = [], []
@@ -225,6 +235,6 @@ class MpiEngine:
     def _safe(fn: Callable[[Any], None], arg: Any) -> None:
         try:
             fn(arg)
-        except (KVTransferError, ValueError, KeyError, TypeError) as exc:
-            log.warning("mpi: %s", exc)
+        except Exception as exc:  # a peer's bad message, or our bug: never the progress thread's end
+            log.warning("mpi: %s", exc, exc_info=not isinstance(exc, KVTransferError))
 

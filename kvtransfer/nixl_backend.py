@@ -25,7 +25,7 @@ while nothing happens and wakes on the first UCX event, so hand-over latency is 
 
 Exposure: UCX's TCP transport listens on every network device it finds, so a worker whose
 host is loopback would still accept UCX connections on the machine's external interfaces.
-For a loopback host `_bind_ucx_to` restricts UCX to the loopback device (``UCX_NET_DEVICES=lo``;
+For a loopback host `ucx_env.bind_ucx_to` restricts UCX to the loopback device (``UCX_NET_DEVICES=lo``;
 shared memory and CUDA IPC are not network devices and stay available); an operator's own
 ``UCX_NET_DEVICES`` wins.
 """
@@ -33,9 +33,7 @@ shared memory and CUDA IPC are not network devices and stay available); an opera
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import os
 import sys
 import threading
 from typing import Any
@@ -47,6 +45,7 @@ from engine.kv_cache_pool import KVCachePool, KVLayout
 from kvtransfer import descriptors
 from kvtransfer.base import KVTransport, TransferHandle, TransferPlan, TransportOptions
 from kvtransfer.errors import KVTransferError, TransferFailedError
+from kvtransfer.ucx_env import bind_ucx_to
 from protocol.kv_handshake import PeerInfo
 
 _NIXL_INIT_AGENT = "NIXL_INIT_AGENT"
@@ -91,16 +90,6 @@ def _make_agent(agent_name: str, config: nixl_agent_config, progress_wait_us: in
             api.nixlBind = bind
 
 
-def _bind_ucx_to(host: str) -> None:
-    """Before the first UCX context of the process: keep UCX on loopback when ``host`` is."""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback and sys.platform == "linux":
-        os.environ.setdefault("UCX_NET_DEVICES", "lo")
-
-
 def _mem_type(device: str) -> str:
     return "VRAM" if device == "cuda" else "DRAM"
 
@@ -131,7 +120,7 @@ class NixlTransport(KVTransport):
         config = nixl_agent_config(
             backends=list(self.options.nixl_backends), capture_telemetry=self.options.nixl_telemetry
         )
-        _bind_ucx_to(self.options.host)
+        bind_ucx_to(self.options.host)
         self._agent = _make_agent(agent_name, config, self.options.nixl_progress_wait_us)
         missing = [b for b in self.options.nixl_backends if b not in self._agent.backends]
         if missing:

@@ -9,8 +9,9 @@ handler below, run on the engine's one progress thread.
 Connection: `add_peer` opens an endpoint from the peer's address (in the signed handshake
 metadata) and sends a *hello*: our agent name, a random link id, our address and an HMAC
 over them and the peer's per-start nonce with the cluster token, plus the compat digest. The
-peer verifies it, opens an endpoint back to us and answers ``ok`` (or ``e``: `add_peer`
-raises `PeerAuthError`). Only then does it accept transfers on that link.
+peer verifies it, opens an endpoint back to us and answers ``ok`` (or ``e``, e.g. a compat
+mismatch: `add_peer` raises `PeerAuthError`). A hello with a wrong MAC gets no endpoint and no
+answer (its sender's `add_peer` times out). Only then does the peer accept transfers on that link.
 
 Transfers (see `ucxx_wire` for the message format):
 
@@ -117,7 +118,7 @@ class TaggedTransport(KVTransport):
     # ------------------------------------------------------------------ set-up
     def _register(self, pool: KVCachePool) -> None:
         self._views = wire.PoolViews(pool)
-        self._engine.pool_device(self._views.is_cuda)
+        self._engine.pool_device(pool.kv.device)
 
     def _endpoint(self) -> dict[str, Any]:
         return {"address": self._engine.address, "nonce": self._nonce}
@@ -247,11 +248,11 @@ class TaggedTransport(KVTransport):
         link, agent, addr, mac = msg["link"], msg.get("agent"), msg.get("addr"), msg.get("mac")
         if not isinstance(agent, str) or not isinstance(addr, bytes) or not isinstance(mac, bytes):
             return
+        if not hmac.compare_digest(wire.hello_mac(self.options.token, self._nonce, agent, link, addr), mac):
+            return  # not from a cluster member: no endpoint to an address it chose, no answer
         ep = self._engine.connect(addr, link, msg)
         why = None
-        if not hmac.compare_digest(wire.hello_mac(self.options.token, self._nonce, agent, link, addr), mac):
-            why = "wrong cluster token"
-        elif self._views is None:
+        if self._views is None:
             why = "no KV pool registered yet"
         elif msg.get("compat") != handshake.compat_digest(self._compat):
             why = "incompatible KV cache (compat key differs)"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 import ucxx._lib.libucxx as ucx
 from ucxx._lib.arr import Array
 
@@ -92,8 +93,10 @@ class ProgressEngine:
         self._ctrl_req = None
 
     # ------------------------------------------------------------------ on the progress thread
-    def pool_device(self, is_cuda: bool) -> None:
-        """UCX moves host and device memory alike: nothing to set up."""
+    def pool_device(self, device: torch.device) -> None:
+        """UCX moves device memory from this thread: make the pool's CUDA context current here."""
+        if device.type == "cuda":
+            self.call(lambda: _make_current(device))
 
     def connect(self, address: bytes, link: int, hello: dict[str, Any] | None) -> Any:
         """An endpoint to a peer's worker; its failure is reported as ``on_endpoint_error(link)``."""
@@ -176,8 +179,13 @@ class ProgressEngine:
     def _safe(fn: Callable[[Any], None], arg: Any) -> None:
         try:
             fn(arg)
-        except (KVTransferError, ValueError, KeyError, TypeError) as exc:  # a peer's bad message
-            log.warning("ucxx: %s", exc)
+        except Exception as exc:  # a peer's bad message, or our bug: never the progress thread's end
+            log.warning("ucxx: %s", exc, exc_info=not isinstance(exc, KVTransferError))
+
+
+def _make_current(device: torch.device) -> None:
+    torch.cuda.set_device(device)
+    torch.cuda.current_stream(device).synchronize()  # a runtime call: the primary context is now current
 
 
 def _error_of(req: Any) -> str | None:

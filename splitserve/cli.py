@@ -86,6 +86,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(args.config, overrides, launcher=args.launcher)
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from cluster.config import ConfigError
+    from splitserve.launch_options import parse_set
+    from splitserve.mpi_worker import run_worker
+
+    try:
+        overrides = parse_set(args.set or [])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_worker(args.config, overrides, args.rank)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splitserve", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--version", action="version", version=f"splitserve {__version__}")
@@ -129,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--launcher", choices=["local", "mpi"], default="local",
                    help="local: a process per worker; mpi: every worker a rank of one mpiexec job")
     s.set_defaults(func=_cmd_serve)
+    w = sub.add_parser("worker", help="run the worker of this MPI rank (mpirun -n N splitserve worker --config F)")
+    w.add_argument("--config", help="cluster YAML: rank r runs its r-th worker (prefill first, then decode)")
+    w.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    w.add_argument("--rank", type=int, help="the worker index, outside an MPI job")
+    w.set_defaults(func=_cmd_worker)
 
     from splitserve.ray_deploy import cli as ray_cli  # up / scale / status / down
 

@@ -22,13 +22,20 @@ from tests.dataplane.harness import BACKENDS, BLOCK_SIZE, MAX_MODEL_LEN, TOKEN, 
 @pytest.fixture(scope="session", params=BACKENDS)
 def cluster(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[Cluster]:
     backend = request.param
-    prefill = WorkerProcess(worker_spec("prefill", smollm2_path, backend), TOKEN)
-    decode = WorkerProcess(worker_spec("decode", smollm2_path, backend), TOKEN)
+    launcher = None
+    if backend == "mpi":  # ranks of one MPI job (the mpi transport's requirement)
+        from tests.dataplane.mpi_workers import start_mpi_pair
+
+        launcher, prefill, decode = start_mpi_pair(smollm2_path)
+    else:
+        prefill = WorkerProcess(worker_spec("prefill", smollm2_path, backend), TOKEN)
+        decode = WorkerProcess(worker_spec("decode", smollm2_path, backend), TOKEN)
     try:
-        prefill.spawn()
-        decode.spawn()  # both load their model at once
-        prefill.wait_ready()
-        decode.wait_ready()
+        if launcher is None:
+            prefill.spawn()
+            decode.spawn()  # both load their model at once
+            prefill.wait_ready()
+            decode.wait_ready()
         with DecodeClient(decode.address, TOKEN) as client, PrefillClient(prefill.address, TOKEN) as pclient:
             cluster = Cluster(backend, prefill, decode, client, pclient)
             warm_up = SamplingParams(temperature=0.0, max_tokens=2)  # first steps of a process are slow
@@ -37,6 +44,8 @@ def cluster(request: pytest.FixtureRequest, smollm2_path: Path) -> Iterator[Clus
             yield cluster
     finally:
         codes = decode.stop(), prefill.stop()
+        if launcher is not None:
+            launcher.close()
     assert codes == (0, 0), f"unclean shutdown on SIGTERM:\n{decode.log_tail()}\n{prefill.log_tail()}"
 
 

@@ -21,7 +21,7 @@ BLOCK_SIZE = 16
 PREFILL_CHUNK = 64  # the prefill worker's token budget per step: long prompts are chunked
 MAX_MODEL_LEN = 1024
 LEASE_S = 3.0  # decode holds blocks this long for a silent prefill worker
-BACKENDS = ["nixl", "tcp", "ucxx"]
+BACKENDS = ["nixl", "tcp", "ucxx", "mpi"]
 
 
 def worker_spec(role: str, model: str | Path, backend: str, **kw: object) -> WorkerSpec:
