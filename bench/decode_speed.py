@@ -103,8 +103,9 @@ def time_decode(engine: LLMEngine, plan: Plan, batch: int, context: int, seed: i
 
 
 def decode_floor_s(engine: LLMEngine, batch: int, context: int, bandwidth: float) -> float:
-    """Weights once plus every row's KV once, at the measured copy bandwidth."""
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    """Weights once (the embedding table aside: a step reads only its batch's rows) plus every
+    row's KV once, at the measured copy bandwidth."""
+    weights = sum(p.numel() * p.element_size() for n, p in engine.model.named_parameters() if "embed_tokens" not in n)
     lay = engine.layout
     kv_per_token = lay.num_layers * 2 * lay.num_kv_heads * lay.head_dim * lay.element_size
     return (weights + batch * context * kv_per_token) / bandwidth
