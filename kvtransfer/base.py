@@ -115,6 +115,8 @@ class KVTransport(ABC):
     """One worker's end of the KV data plane (see the module docstring for the contract)."""
 
     name: ClassVar[str]
+    # can post arbitrary head-tile byte ranges (`write_ranges`); NIXL posts prepared per-block descriptors
+    supports_ranges: ClassVar[bool] = True
 
     def __init__(self, agent_name: str, options: TransportOptions | None = None) -> None:
         if not agent_name:
@@ -128,17 +130,20 @@ class KVTransport(ABC):
         self._closed = False
 
     # ------------------------------------------------------------------ set-up
-    def register_pool(self, pool: KVCachePool, compat: dict[str, Any]) -> None:
+    def register_pool(self, pool: KVCachePool, compat: dict[str, Any], group: bool = False) -> None:
         """Register the pool (once, for the transport's lifetime) and our compatibility key.
 
         ``compat`` holds what the layout cannot show: model id, TP rank/size (the head split),
-        quantization... The layout's own fields are added here.
+        quantization... The layout's own fields are added here, unless ``group``: a rank of a
+        worker group that trades head/layer slices with groups split differently keys on the
+        model's whole KV geometry (in ``compat``) instead, and the group handshake checks the
+        split (`group_slices.check_pairing`).
         """
         if self._pool is not None:
             raise KVTransferError("register_pool was already called: pools are registered once")
         if not pool.kv.is_contiguous():
             raise ValueError("the KV pool tensor must be contiguous to be registered")
-        self._compat = handshake.full_compat(pool.layout, compat)
+        self._compat = handshake.group_compat(compat) if group else handshake.full_compat(pool.layout, compat)
         self._register(pool)
         self._pool = pool
 
@@ -197,6 +202,20 @@ class KVTransport(ABC):
         """
         plan = self._plan(Op.WRITE, peer, local_blocks, remote_blocks, layers)
         return self._launch(peer, plan, notify)
+
+    def write_ranges(self, peer: str, ranges: ByteRanges, notify: bytes | None = None) -> TransferHandle:
+        """Push byte ranges (offsets from each pool's base, on head-tile boundaries) to the peer:
+        the head slices a rank owes a rank of a group split differently (`group_slices`)."""
+        pool, info = self._require_pool(), self._peer(peer)
+        if not self.supports_ranges:
+            raise KVTransferError(
+                f"transport {self.name!r} cannot write head slices: KV between groups of different "
+                "tp/pp needs tcp, ucxx or mpi"
+            )
+        descriptors.check_ranges(ranges, pool.layout, "local")
+        descriptors.check_ranges(ranges, info.layout, "remote")
+        empty = np.zeros(0, dtype=np.int64)
+        return self._launch(peer, TransferPlan(Op.WRITE, empty, empty, empty, ranges), notify)
 
     def read_blocks(
         self,

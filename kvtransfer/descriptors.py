@@ -127,6 +127,23 @@ def byte_ranges(runs: BlockRuns, layers: np.ndarray, local: KVLayout, remote: KV
     return merge_adjacent(ByteRanges(lo.reshape(-1), ro.reshape(-1), np.ascontiguousarray(n).reshape(-1)))
 
 
+def head_tile_bytes(layout: KVLayout) -> int:
+    """The finest unit a peer may address: one K or V head of one block (``[block_size, head_dim]``)."""
+    return layout.block_bytes_per_layer // (2 * layout.num_kv_heads)
+
+
+def check_ranges(ranges: ByteRanges, layout: KVLayout, side: str) -> None:
+    """Raise `ValueError` naming ``side`` unless every range lies in the pool on head-tile boundaries."""
+    offsets, nbytes = (ranges.local, ranges.nbytes) if side == "local" else (ranges.remote, ranges.nbytes)
+    tile = head_tile_bytes(layout)
+    ok = (
+        (offsets >= 0).all() and (nbytes > 0).all() and (offsets + nbytes <= layout.total_bytes).all()
+        and not (offsets % tile).any() and not (nbytes % tile).any()
+    )
+    if not ok:
+        raise ValueError(f"{side} byte ranges fall outside the pool or off its {tile}-byte head tiles")
+
+
 def block_indices(blocks: np.ndarray, layers: np.ndarray, num_blocks: int) -> np.ndarray:
     """Indices into a per-(layer, block) descriptor list ``[layer * num_blocks + block]``, layer-major.
 

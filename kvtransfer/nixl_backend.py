@@ -114,6 +114,7 @@ class NixlTransport(KVTransport):
     """`KVTransport` over a NIXL agent (UCX backend by default)."""
 
     name = "nixl"
+    supports_ranges = False  # posts prepared per-(layer, block) descriptors, never head slices
 
     def __init__(self, agent_name: str, options: TransportOptions | None = None) -> None:
         super().__init__(agent_name, options)

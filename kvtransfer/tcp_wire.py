@@ -92,6 +92,7 @@ class PoolBytes:
     def __init__(self, pool: KVCachePool) -> None:
         self.nbytes = pool.layout.total_bytes
         self.block_bytes = pool.layout.block_bytes_per_layer
+        self.tile_bytes = self.block_bytes // (2 * pool.layout.num_kv_heads)
         flat = pool.kv.view(torch.uint8).reshape(-1)
         self._cuda = flat.is_cuda
         self._flat = flat
@@ -106,14 +107,15 @@ class PoolBytes:
         return twin
 
     def check(self, offsets: np.ndarray, nbytes: np.ndarray) -> None:
-        """Refuse ranges a peer must never ask for: outside the pool or not on block boundaries."""
-        bb = self.block_bytes
+        """Refuse ranges a peer must never ask for: outside the pool or not on head-tile boundaries
+        (one K or V head of one block: the unit of writes between groups of different tp)."""
+        bb = self.tile_bytes
         ok = (
             (offsets >= 0).all() and (nbytes > 0).all() and (offsets + nbytes <= self.nbytes).all()
             and not (offsets % bb).any() and not (nbytes % bb).any()
         )
         if not ok:
-            raise ProtocolError("byte ranges outside the pool or not aligned to blocks")
+            raise ProtocolError("byte ranges outside the pool or not aligned to head tiles")
 
     def send(self, sock: socket.socket, offsets: np.ndarray, nbytes: np.ndarray) -> None:
         for off, n in zip(offsets.tolist(), nbytes.tolist()):

@@ -95,6 +95,7 @@ class PoolViews:
     def __init__(self, pool: KVCachePool) -> None:
         self.nbytes = pool.layout.total_bytes
         self.block_bytes = pool.layout.block_bytes_per_layer
+        self.tile_bytes = self.block_bytes // (2 * pool.layout.num_kv_heads)
         flat = pool.kv.view(torch.uint8).reshape(-1)
         self.is_cuda = flat.is_cuda
         self._flat: Any = flat if self.is_cuda else flat.numpy()
@@ -103,11 +104,12 @@ class PoolViews:
         return self._flat[offset : offset + nbytes]
 
     def check(self, offsets: np.ndarray, nbytes: np.ndarray) -> None:
-        """Refuse ranges a peer must never name: outside the pool or not on block boundaries."""
-        bb = self.block_bytes
+        """Refuse ranges a peer must never name: outside the pool or not on head-tile boundaries
+        (one K or V head of one block: the unit of writes between groups of different tp)."""
+        bb = self.tile_bytes
         ok = (
             (offsets >= 0).all() and (nbytes > 0).all() and (offsets + nbytes <= self.nbytes).all()
             and not (offsets % bb).any() and not (nbytes % bb).any()
         )
         if not ok:
-            raise ProtocolError("byte ranges outside the pool or not aligned to blocks")
+            raise ProtocolError("byte ranges outside the pool or not aligned to head tiles")

@@ -48,11 +48,7 @@ def full_compat(layout: KVLayout, compat: dict[str, Any]) -> Compat:
     ``num_blocks`` is left out on purpose: pools of different sizes interoperate (block ids
     are checked against the peer's own count).
     """
-    out: Compat = {}
-    for key, value in compat.items():
-        if not isinstance(key, str) or not (value is None or isinstance(value, str | int | float | bool)):
-            raise TypeError(f"compat entries must be str -> str/int/float/bool/None, got {key!r}: {value!r}")
-        out[key] = value
+    out = group_compat(compat)
     out.update({
         "kv.num_layers": layout.num_layers,
         "kv.num_kv_heads": layout.num_kv_heads,
@@ -61,6 +57,17 @@ def full_compat(layout: KVLayout, compat: dict[str, Any]) -> Compat:
         "kv.dtype": str(layout.dtype),
         "kv.block_bytes": layout.block_bytes_per_layer,
     })
+    return out
+
+
+def group_compat(compat: dict[str, Any]) -> Compat:
+    """The key of a rank that exchanges head/layer slices: the caller's entries only (model and
+    the whole model's KV geometry), the same on every rank of every group split of that model."""
+    out: Compat = {}
+    for key, value in compat.items():
+        if not isinstance(key, str) or not (value is None or isinstance(value, str | int | float | bool)):
+            raise TypeError(f"compat entries must be str -> str/int/float/bool/None, got {key!r}: {value!r}")
+        out[key] = value
     return out
 
 
