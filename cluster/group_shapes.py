@@ -10,14 +10,22 @@ from cluster.config import ClusterConfig, ConfigError
 from engine.config import ModelConfig
 from engine.distributed.shapes import GroupShapeError, check_group_shape
 
+GROUP_TRANSPORTS = ("tcp", "ucxx")  # post head-tile byte ranges (`KVTransport.write_ranges`) between any ranks
+
+
+def kv_groups(config: ClusterConfig) -> bool:
+    """Prefill workers feeding a sharded pool (or fed by one): every rank moves its own KV slices."""
+    return bool(config.prefill.replicas) and any(
+        getattr(config, pool).world_size > 1 for pool in ("prefill", "decode"))
+
 
 def check_pairing(config: ClusterConfig) -> None:
-    """KV transfer between sharded groups is not wired yet: sharded pools run without prefill workers."""
-    sharded = [f"{pool}.tp/{pool}.pp" for pool in ("prefill", "decode") if getattr(config, pool).world_size > 1]
-    if config.prefill.replicas and sharded:
+    """KV between groups of different tp/pp moves rank to rank as head-tile slices: only
+    transports that post arbitrary byte ranges between any two ranks can carry it."""
+    if kv_groups(config) and config.kvtransfer.backend not in GROUP_TRANSPORTS:
         raise ConfigError(
-            f"{sharded[0]}: KV transfer between sharded (tp x pp > 1) groups is not supported yet; "
-            "use prefill.replicas: 0 (decode groups then prefill their prompts themselves)"
+            f"kvtransfer.backend: {config.kvtransfer.backend!r} cannot move KV between sharded (tp x pp > 1) "
+            f"groups and prefill workers; use one of {', '.join(GROUP_TRANSPORTS)}, or prefill.replicas: 0"
         )
 
 

@@ -31,7 +31,7 @@ from worker_runtime.runtime import (
     bind_server,
     compat_text,
     join_control_plane,
-    open_transport,
+    open_worker_transport,
     worker_id_for,
 )
 
@@ -127,7 +127,7 @@ def start_decode_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     worker_id = worker_id_for(spec, address)
     agent_name = agent_name_for(worker_id)
     worker = RunningWorker(worker_id, address, agent_name)
-    transport = open_transport(spec, agent_name, token, engine.kv_cache_pool)
+    transport = open_worker_transport(spec, agent_name, token, engine)
     worker.on_stop(transport.close)
     metadata = transport.metadata()
     cfg = DecodeLoopConfig(lease_s=spec.lease_s)

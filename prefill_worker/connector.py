@@ -28,6 +28,7 @@ from kvtransfer.base import KVTransport
 from kvtransfer.errors import TransferTimeoutError
 from prefill_worker.kv_push import LayerPusher, PushPlan, PushStats, PushTarget, plan_step
 from protocol import prefill_notify
+from worker_runtime.rank_kv import Push
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ class PrefillKVConnector(KVConnector):
             for s, table in zip(scheduled, block_tables)
         ]  # fmt: skip
         self.tokens_computed += sum(s.num_new_tokens for s in scheduled)
+        begin = getattr(self.transport, "begin_step", None)
+        if begin is not None:  # a worker group (`GroupTransport`): the followers write their slices too
+            begin([Push(p.target.peer, p.local, p.remote) for p in self._plans if p.local])
         self._pusher = LayerPusher(self.transport, self._plans, self.layout.num_layers, self.device)
         return True
 

@@ -28,7 +28,7 @@ from worker_runtime.runtime import (
     bind_server,
     compat_text,
     join_control_plane,
-    open_transport,
+    open_worker_transport,
     worker_id_for,
 )
 
@@ -113,7 +113,7 @@ def start_prefill_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     worker_id = worker_id_for(spec, address)
     agent_name = agent_name_for(worker_id)
     worker = RunningWorker(worker_id, address, agent_name)
-    transport = open_transport(spec, agent_name, token, engine.kv_cache_pool)
+    transport = open_worker_transport(spec, agent_name, token, engine)
     worker.on_stop(transport.close)
     metadata = transport.metadata()
     loop = PrefillLoop(engine, transport, spec.transfer_timeout_s)

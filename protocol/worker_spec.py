@@ -68,6 +68,7 @@ class WorkerSpec:
     cuda_graphs: bool = True  # decode steps from CUDA graphs (engine.cuda_graphs)
     gpu_memory_utilization: float | None = None  # KV pool from free GPU memory (engine.kv_budget)
     overlap_scheduling: bool = False  # decode: launch step N+1 before reading step N (engine.async_step)
+    kv_groups: bool = False  # KV between groups of different tp/pp: every rank its own transport (group_transport)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

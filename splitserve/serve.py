@@ -32,7 +32,7 @@ from fastapi import FastAPI
 
 from cluster.config import ClusterConfig, ConfigError, load_config
 from cluster.group_processes import group_rank_specs
-from cluster.group_shapes import check_pairing
+from cluster.group_shapes import check_pairing, kv_groups
 from cluster.launcher import Launcher, StartCancelled, WorkerGroupHandle, WorkerGroupSpec, WorkerStartError
 from cluster.local_launcher import LocalProcessLauncher
 from cluster.supervisor import SupervisionPolicy, Supervisor
@@ -73,6 +73,7 @@ def worker_specs(
         transfer_timeout_s=config.kvtransfer.transfer_timeout_s, num_threads=threads,
         random_weights=config.random_weights, seed=config.seed, exact_attention=config.exact_attention,
         tls_cert_file=config.tls.cert_file, tls_key_file=config.tls.key_file, tls_ca_file=config.tls.ca_file,
+        kv_groups=kv_groups(config),
     )
     seqs = config.decode.max_num_seqs
     own: dict[str, dict[str, Any]] = {

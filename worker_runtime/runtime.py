@@ -127,6 +127,16 @@ def open_transport(spec: WorkerSpec, agent_name: str, token: str, pool: KVCacheP
     return transport
 
 
+def open_worker_transport(spec: WorkerSpec, agent_name: str, token: str, engine: Any) -> Any:
+    """The worker's transport: its own, or with ``kv_groups`` its group's (`GroupTransport`:
+    every rank writes/receives its own head and layer slices)."""
+    if spec.kv_groups:
+        from worker_runtime.group_transport import open_group_transport
+
+        return open_group_transport(spec, agent_name, token, engine)
+    return open_transport(spec, agent_name, token, engine.kv_cache_pool)
+
+
 def join_control_plane(worker: RunningWorker, spec: WorkerSpec, engine: Any, loop: Any) -> None:
     """Last step of a worker's start-up (so the router never routes to a worker that is not
     serving yet): register with the launcher's control plane, if it gave one, and from then on

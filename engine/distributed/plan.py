@@ -8,6 +8,7 @@ scheduler, sequence or sampler state crosses: followers only need shapes, slots 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,11 +58,14 @@ class MicroBatch:
 
 @dataclass
 class StepPlan:
-    """One step of the group; ``stop`` tells followers to leave their loop."""
+    """One step of the group; ``stop`` tells followers to leave their loop. ``kv``: with micro-batches,
+    this step's KV pushes to another group (each rank writes its slices); without, a KV command
+    (open the rank's transport, add peers) that every follower applies and answers (`gather_replies`)."""
 
     micro_batches: list[MicroBatch] = field(default_factory=list)
     exact_attention: bool = False
     stop: bool = False
+    kv: Any = None
 
 
 def broadcast_plan(plan: StepPlan | None, control: object) -> StepPlan:
@@ -71,3 +75,11 @@ def broadcast_plan(plan: StepPlan | None, control: object) -> StepPlan:
     got = box[0]
     assert isinstance(got, StepPlan)
     return got
+
+
+def gather_replies(reply: Any, control: object) -> list[Any]:
+    """Every rank's ``reply`` to a KV command or push, in rank order on rank 0 (others get [])."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    out: list[Any] | None = [None] * size if rank == 0 else None
+    dist.gather_object(reply, out, dst=0, group=control)
+    return out or []

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 
 from engine.attention_metadata import AttentionMetadata
 from engine.config import EngineConfig
-from engine.distributed.plan import MicroBatch, StepPlan, broadcast_plan
+from engine.distributed.plan import MicroBatch, StepPlan, broadcast_plan, gather_replies
 from engine.distributed.stage import StageExecutor
 from engine.distributed.world import GroupRankError, World, current_world
 from engine.kv_cache_pool import KVCachePool
@@ -43,6 +44,10 @@ class GroupRunner(ModelRunner):
         self.world = world
         self.stage = StageExecutor(model, self.caches, world)
         self._logits: torch.Tensor | None = None
+        # KV transfer to/from another group (worker_runtime.group_kv): on rank 0 the hub that
+        # hands out each step's pushes and collects the followers' reports; on a follower its
+        # rank's transport side, set by the command that opens it
+        self.kv: Any = None
 
     def plan(self, scheduled: Seq[ScheduledSeq], block_tables: Seq[Seq[int]]) -> StepPlan:
         """The step as micro-batches: contiguous runs of sequences, one per stage (one without stages)."""
@@ -62,8 +67,12 @@ class GroupRunner(ModelRunner):
     ) -> tuple[torch.Tensor, AttentionMetadata]:
         """Runs the whole group's step; the logits wait for `sample` (the hidden states stay on the last stage)."""
         try:
-            plan = broadcast_plan(self.plan(scheduled, block_tables), self.world.control)
+            plan = self.plan(scheduled, block_tables)
+            plan.kv = self.kv.orders() if self.kv is not None else None
+            plan = broadcast_plan(plan, self.world.control)
             self._logits = self.stage.run(plan, on_layer_done)
+            if plan.kv is not None:
+                self.kv.collect(gather_replies(None, self.world.control))
         except RuntimeError as e:  # gloo/NCCL report a dead peer as a RuntimeError of the collective
             raise GroupRankError(f"a rank of this worker group is gone: {e}") from e
         _, meta, _ = plan.micro_batches[-1].on(self.device)
@@ -90,7 +99,22 @@ class GroupRunner(ModelRunner):
             plan = broadcast_plan(None, self.world.control)
             if plan.stop:
                 return
-            self.stage.run(plan)
+            if plan.kv is not None and not plan.micro_batches:
+                gather_replies(plan.kv.apply(self), self.world.control)
+                continue
+            pushes = plan.kv if self.kv is not None else None
+            self.stage.run(plan, self.kv.layer_hook(pushes) if pushes is not None else None)
+            if plan.kv is not None:
+                gather_replies(self.kv.finish(pushes) if pushes is not None else None, self.world.control)
+
+    def kv_command(self, command: Any) -> list[Any]:
+        """Rank 0, between steps: every follower applies ``command`` (``command.apply(runner)``);
+        their replies in rank order (rank 0's own slot is None)."""
+        try:
+            broadcast_plan(StepPlan(kv=command), self.world.control)
+            return gather_replies(None, self.world.control)
+        except RuntimeError as e:
+            raise GroupRankError(f"a rank of this worker group is gone: {e}") from e
 
     def stop_followers(self) -> None:
         """Rank 0: release the followers from `follow`; raises `GroupRankError` when one is gone."""

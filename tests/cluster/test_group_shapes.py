@@ -55,6 +55,14 @@ def test_more_ranks_than_gpus_is_refused(llama: Path) -> None:
         check_model_shapes(_config(decode={"tp": 2, "pp": 2}), cfg, num_gpus=2)
 
 
-def test_sharded_pools_need_prefill_replicas_0_until_kv_transfer_is_sharded(llama: Path) -> None:
-    with pytest.raises(ConfigError, match=r"decode\.tp/decode\.pp: KV transfer between sharded"):
-        worker_groups(_config(prefill={"replicas": 1}, decode={"tp": 2}), str(llama))
+def test_sharded_pools_with_prefill_workers_move_kv_rank_to_rank(llama: Path) -> None:
+    groups = worker_groups(_config(prefill={"replicas": 1, "tp": 2}, decode={"tp": 2}), str(llama))
+    assert {s.kv_groups for g in groups for s in g.ranks} == {True}
+    [group] = worker_groups(_config(decode={"tp": 2}), str(llama))  # no prefill workers: as before
+    assert not group.ranks[0].kv_groups
+
+
+def test_kv_between_groups_needs_a_byte_range_transport(llama: Path) -> None:
+    cfg = config_from_dict({"kvtransfer": {"backend": "nixl"}, "prefill": {"replicas": 1}, "decode": {"tp": 2}})
+    with pytest.raises(ConfigError, match=r"kvtransfer\.backend: 'nixl' cannot move KV between sharded"):
+        worker_groups(cfg, str(llama))

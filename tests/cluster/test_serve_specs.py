@@ -32,6 +32,7 @@ def test_two_prefill_example_and_overrides() -> None:
     assert {s.transport for s in specs} == {"nixl"} and {s.lease_s for s in specs} == {4.0}
 
 
-def test_sharded_groups_need_another_launcher() -> None:
-    with pytest.raises(ConfigError, match=r"prefill\.tp"):
+def test_sharded_groups_over_nixl_are_refused() -> None:
+    """NIXL posts prepared per-block descriptors: head slices between groups need tcp or ucxx."""
+    with pytest.raises(ConfigError, match=r"kvtransfer\.backend: 'nixl' cannot move KV between sharded"):
         worker_specs(load_config(DEPLOY / "llama3-8b-h100.yaml"), "/m")
