@@ -32,6 +32,7 @@ from kvtransfer.group_bundle import GroupBundle
 from kvtransfer.group_slices import GroupShape
 from protocol.worker_spec import WorkerSpec
 from worker_runtime.rank_kv import (
+    TIMED_OUT,
     AddGroupPeer,
     CloseRankTransport,
     OpenRankTransport,
@@ -107,7 +108,10 @@ class GroupTransport:
         if not all(self.inner.is_done(h) for h in handles):
             return False
         if handle.peer in self._errors:
-            handle.error = TransferFailedError(f"KV write to group {handle.peer!r}: {self._errors[handle.peer]}")
+            why = self._errors[handle.peer]
+            # a follower's timed-out write: the connector drops the whole peer group (`remove_peer`)
+            kind = TransferTimeoutError if why.startswith(TIMED_OUT) else TransferFailedError
+            handle.error = kind(f"KV write to group {handle.peer!r}: {why}")
             raise handle.error
         if notify is not None:  # every piece of the group landed: now decode may learn of it
             handle.state = (handles, None)

@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 
 from kvtransfer.base import KVTransport, TransferHandle, TransportOptions
+from kvtransfer.errors import TransferTimeoutError
 from kvtransfer.group_bundle import GroupBundle
 from kvtransfer.group_slices import GroupShape, check_pairing, pieces, slice_ranges
 from kvtransfer.registry import create_transport
 from protocol import kv_handshake as handshake
+
+TIMED_OUT = "timed out:"  # a report starting so: the rank dropped its links to that group
 
 
 def rank_agent(agent: str, rank: int) -> str:
@@ -103,6 +106,9 @@ class RankKV:
         for peer, h in self._handles:
             try:
                 self.transport.wait(h, max(0.0, deadline - time.monotonic()))
+            except TransferTimeoutError as e:  # may still be in flight: only dropping the link stops it
+                self.transport.remove_peer(h.peer)
+                self._errors[peer] = f"{TIMED_OUT} rank {self.rank}: {e}"
             except Exception as e:
                 self._errors.setdefault(peer, f"rank {self.rank}: {e}")
         errors, self._handles, self._errors = self._errors, [], {}
