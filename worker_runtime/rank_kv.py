@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from kvtransfer.base import KVTransport, TransferHandle, TransportOptions
 from kvtransfer.errors import TransferTimeoutError
@@ -88,8 +89,11 @@ class RankKV:
     def layer_hook(self, pushes: list[Push]) -> Callable[[int], None]:
         """A follower's ``on_layer_done`` for one step: write every push's slices of that layer."""
         self._handles, self._errors = [], {}
+        on_cuda = self.transport._require_pool().kv.is_cuda
 
         def hook(layer: int) -> None:
+            if on_cuda:  # the hook runs when the layer's kernels are queued: wait until they ran
+                torch.cuda.current_stream().synchronize()
             for p in pushes:
                 if p.peer in self._errors or p.peer not in self.groups:
                     continue
