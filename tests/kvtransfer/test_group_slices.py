@@ -31,11 +31,14 @@ def rank_pool(g: GroupShape, rank: int, num_blocks: int) -> KVCachePool:
     return KVCachePool(KVLayout(len(s.layers), num_blocks, len(s.heads), BS, HD, torch.float32))
 
 
-def start_group(g: GroupShape, name: str, num_blocks: int) -> list[tuple[KVTransport, KVCachePool]]:
+Group = list[tuple[KVTransport, KVCachePool]]
+
+
+def start_group(g: GroupShape, name: str, num_blocks: int, backend: str = "tcp") -> Group:
     out = []
     for r in range(g.world_size):
         pool = rank_pool(g, r, num_blocks)
-        t = create_transport("tcp", f"{name}-{r}", TransportOptions(token="t"))
+        t = create_transport(backend, f"{name}-{r}", TransportOptions(token="t"))
         t.register_pool(pool, COMPAT, group=True)
         out.append((t, pool))
     return out
@@ -54,14 +57,19 @@ PAIRINGS = [((1, 1), (2, 1)), ((2, 1), (1, 1)), ((1, 2), (2, 1)), ((2, 1), (1, 2
             ((1, 1), (4, 1)), ((2, 2), (4, 1))]
 
 
+@pytest.mark.parametrize("backend", ["tcp", "ucxx"])
 @pytest.mark.parametrize(("src", "dst"), PAIRINGS, ids=lambda p: f"tp{p[0]}pp{p[1]}")
-def test_every_decode_rank_gets_its_slice(src: tuple[int, int], dst: tuple[int, int], groups: list) -> None:
+def test_every_decode_rank_gets_its_slice(
+    src: tuple[int, int], dst: tuple[int, int], backend: str, groups: list
+) -> None:
     pg, dg = shape(*src), shape(*dst)
     check_pairing(pg, dg)
     torch.manual_seed(0)
     whole = torch.randn(LAYERS, 10, 2, KV_HEADS, BS, HD)  # the model's KV at prefill block ids 0..9
-    prefill, decode = start_group(pg, "p", 10), start_group(dg, "d", 12)
-    groups += [prefill, decode]
+    prefill = start_group(pg, "p", 10, backend)
+    groups.append(prefill)
+    decode = start_group(dg, "d", 12, backend)
+    groups.append(decode)
     for r, (_, pool) in enumerate(prefill):
         s = pg.rank_slice(r)
         pool.kv.copy_(whole[s.layers.start:s.layers.stop, :, :, s.heads.start:s.heads.stop])
