@@ -138,7 +138,7 @@ def start_decode_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     loop = DecodeLoop(engine, transport, peers, cfg)
     servicer = DecodeServicer(
         loop, worker_id=worker_id, agent_name=agent_name, metadata=metadata,
-        compat_key=compat_text(spec, engine.layout), default_timeout_s=spec.request_timeout_s,
+        compat_key=compat_text(spec, engine.layout, transport), default_timeout_s=spec.request_timeout_s,
     )
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
     loop.start()

@@ -186,6 +186,11 @@ class KVTransport(ABC):
     def peers(self) -> list[str]:
         return sorted(self._peers)
 
+    @property
+    def compat(self) -> Compat:
+        """The key registered with the pool (what peers compare)."""
+        return dict(self._compat)
+
     # ------------------------------------------------------------------ transfers
     def write_blocks(
         self,

@@ -120,7 +120,7 @@ def start_prefill_worker(spec: WorkerSpec, token: str) -> RunningWorker:
     renewer = LeaseRenewer(lambda: loop.snapshot().leased, loop.abort, token)
     servicer = PrefillServicer(
         loop, worker_id=worker_id, agent_name=agent_name, metadata=metadata,
-        compat_key=compat_text(spec, engine.layout), max_queued_requests=spec.max_queued_requests,
+        compat_key=compat_text(spec, engine.layout, transport), max_queued_requests=spec.max_queued_requests,
         max_queued_prompt_tokens=spec.max_queued_prompt_tokens,
     )
     pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)

@@ -77,6 +77,11 @@ class GroupTransport:
     def peers(self) -> list[str]:
         return sorted(self.own.groups)
 
+    @property
+    def compat(self) -> dict[str, Any]:
+        """Every rank's transport key (the same on each), plus this group's split."""
+        return {**self.inner.compat, **{f"group.{k}": v for k, v in self.own.shape.to_wire().items()}}
+
     # ---- the step's pushes ------------------------------------------------------------------
 
     def begin_step(self, pushes: list[Push]) -> None:

@@ -105,10 +105,13 @@ def compat_key(spec: WorkerSpec) -> dict[str, Any]:
     return {"model": model, "model_dtype": str(parse_dtype(spec.dtype)), **spec.parallel_config().compat()}
 
 
-def compat_text(spec: WorkerSpec, layout: KVLayout) -> str:
-    """The full key the transport handshake compares, as JSON for ``Status``."""
+def compat_text(spec: WorkerSpec, layout: KVLayout, transport: Any = None) -> str:
+    """The full key the transport handshake compares, as JSON for ``Status`` (a worker group's
+    transport says its own: the model's KV geometry and the group's split)."""
     from protocol.kv_handshake import full_compat
 
+    if spec.kv_groups and transport is not None:
+        return json.dumps(transport.compat, sort_keys=True)
     return json.dumps(full_compat(layout, compat_key(spec)), sort_keys=True)
 
 

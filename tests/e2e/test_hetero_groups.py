@@ -9,6 +9,7 @@ Prompts are longer than one block (16 tokens) so several blocks and a partial on
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def test_groups_of_different_splits_match_offline_llm(cluster: LocalCluster, ref
     prefill, decode = (next(w for w in cluster.workers if w.role == role) for role in ("prefill", "decode"))
     assert status(cluster, prefill).kv_bytes_pushed > 0  # the prompts' KV came from the prefill group
     assert status(cluster, decode).prompt_tokens_computed == 0  # ...and decode did not recompute it
+    key = json.loads(status(cluster, decode).compat_key)  # the group's split is part of its key
+    assert (key["group.tp"], key["group.pp"]) == (cluster.config.decode.tp, cluster.config.decode.pp)
     wait_pools_full(cluster)  # every block back on both groups (block ids are global in a group)
 
 
