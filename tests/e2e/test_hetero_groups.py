@@ -28,6 +28,7 @@ PAIRINGS = {  # id: (prefill section, decode section)
     "p-tp1-d-tp2": ({"tp": 1}, {"tp": 2}),
     "p-tp2-d-tp1": ({"tp": 2}, {"tp": 1}),
     "p-pp2-d-tp2": ({"pp": 2}, {"tp": 2}),
+    "p-tp2-d-pp2": ({"tp": 2}, {"pp": 2}),
 }
 
 
