@@ -50,8 +50,8 @@ class RankKV:
     """This rank's transport and the ranks of other groups it writes to."""
 
     def __init__(self, transport: KVTransport, shape: GroupShape, rank: int, num_blocks: int,
-                 token: str, timeout_s: float) -> None:
-        self.transport, self.shape, self.rank = transport, shape, rank
+                 token: str, timeout_s: float, on_cuda: bool = False) -> None:
+        self.transport, self.shape, self.rank, self.on_cuda = transport, shape, rank, on_cuda
         self.num_blocks, self.token, self.timeout_s = num_blocks, token, timeout_s
         # peer group -> (its shape, [(its rank, agent, its pool's block count)] this rank writes to)
         self.groups: dict[str, tuple[GroupShape, list[tuple[int, str, int]]]] = {}
@@ -89,10 +89,9 @@ class RankKV:
     def layer_hook(self, pushes: list[Push]) -> Callable[[int], None]:
         """A follower's ``on_layer_done`` for one step: write every push's slices of that layer."""
         self._handles, self._errors = [], {}
-        on_cuda = self.transport._require_pool().kv.is_cuda
 
         def hook(layer: int) -> None:
-            if on_cuda:  # the hook runs when the layer's kernels are queued: wait until they ran
+            if self.on_cuda:  # the hook runs when the layer's kernels are queued: wait until they ran
                 torch.cuda.current_stream().synchronize()
             for p in pushes:
                 if p.peer in self._errors or p.peer not in self.groups:
@@ -138,7 +137,8 @@ class OpenRankTransport:
         except BaseException:
             transport.close()
             raise
-        return RankKV(transport, self.shape, rank, pool.num_blocks, self.options.token, self.timeout_s)
+        return RankKV(transport, self.shape, rank, pool.num_blocks, self.options.token, self.timeout_s,
+                      on_cuda=pool.kv.is_cuda)
 
     def apply(self, runner: Any) -> tuple[str, bytes]:
         try:
