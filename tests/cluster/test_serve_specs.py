@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, config_from_dict, load_config
 from splitserve.serve import worker_specs
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -32,7 +32,13 @@ def test_two_prefill_example_and_overrides() -> None:
     assert {s.transport for s in specs} == {"nixl"} and {s.lease_s for s in specs} == {4.0}
 
 
-def test_sharded_groups_over_nixl_are_refused() -> None:
+def test_sharded_groups_move_kv_rank_to_rank_but_not_over_nixl() -> None:
     """NIXL posts prepared per-block descriptors: head slices between groups need tcp or ucxx."""
+    config = load_config(DEPLOY / "llama3-8b-h100.yaml")
+    specs = worker_specs(config, "/m")
+    assert {(s.role, s.tp_size, s.kv_groups, s.transport) for s in specs} == {
+        ("prefill", 2, True, "ucxx"), ("decode", 2, True, "ucxx")}
+    nixl = config.to_dict()
+    nixl["kvtransfer"]["backend"] = "nixl"
     with pytest.raises(ConfigError, match=r"kvtransfer\.backend: 'nixl' cannot move KV between sharded"):
-        worker_specs(load_config(DEPLOY / "llama3-8b-h100.yaml"), "/m")
+        worker_specs(config_from_dict(nixl), "/m")
