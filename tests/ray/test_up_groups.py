@@ -1,8 +1,8 @@
 """`splitserve up` of a sharded decode pool on real Ray (the session's 3-node cluster): one replica
 is a tp = 2 group, rank 0 in the replica actor (bundle 0), rank 1 in a `FollowerRank` actor on
 bundle 1 of the same placement group. The official `openai` client through Serve's proxy gets
-the offline `engine.LLM`'s greedy tokens; a `kill -9` of either rank takes the whole group down
-and Serve replaces it; `down` leaves no process of ours, followers included.
+the offline `engine.LLM`'s greedy tokens; a `kill -9` of either rank or of the replica actor takes
+the whole group down and Serve replaces it; `down` leaves no process of ours, followers included.
 
 The model is a tiny random Llama over SmolLM2's vocabulary (cheap on two cores). The tests run
 in file order on one deployment (module fixture)."""
@@ -106,13 +106,13 @@ def test_tp2_group_through_serve_equals_the_offline_engine(api: openai.OpenAI, r
     assert len({pids["replica"], pids["rank0"], pids["follower_actor"], pids["rank1"]}) == 4
 
 
-@pytest.mark.parametrize("victim", ["rank1", "rank0"])
+@pytest.mark.parametrize("victim", ["rank1", "rank0", "replica"])
 def test_killed_rank_takes_the_group_down_and_serve_replaces_it(
         api: openai.OpenAI, reference: list[str], victim: str) -> None:
     before = _group_pids()
     os.kill(before[victim], signal.SIGKILL)
     _wait_replicas("decode", 1, gone=before["replica_id"])
-    _wait_gone([before["rank0"], before["rank1"]])  # no orphan rank of the dead group
+    _wait_gone([before["rank0"], before["rank1"], before["follower_actor"]])  # nothing of the dead group left
     assert _complete_when_routable(api) == reference
     after = _group_pids()
     assert after["rank0"] != before["rank0"] and after["rank1"] != before["rank1"]
