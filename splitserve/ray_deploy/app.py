@@ -10,6 +10,7 @@ them and Serve resizes the pools without restarting a replica.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -43,6 +44,23 @@ def check_ray_servable(config: ClusterConfig) -> None:
     if auto is not None and auto.min_replicas == 0:
         raise ConfigError("prefill.autoscaling.min_replicas: under Ray a prefill pool keeps at least 1 replica "
                           "(a decode-only cluster: prefill.replicas: 0 and no autoscaling block)")
+
+
+def check_group_shapes_here(config: ClusterConfig) -> None:
+    """`ConfigError` naming the field when a sharded pool's tp/pp/ep cannot split the model, if the
+    model folder is on this machine too: ``up`` then refuses before anything starts (the replicas
+    check again on their nodes, where the folder must be)."""
+    if all(getattr(config, p).world_size == 1 for p in POOL_DEPLOYMENTS):
+        return
+    from engine import model_store
+
+    folder = model_store.default_model_dir() if config.is_embedded_model else Path(config.model).expanduser()
+    if model_store.is_complete(folder) if config.is_embedded_model else folder.exists():
+        from cluster.group_shapes import check_model_shapes
+        from engine.config import ModelConfig
+        from engine.weights import resolve_model
+
+        check_model_shapes(config, ModelConfig.from_hf_dict(resolve_model(str(folder))[0]), None)
 
 
 def serve_config(config: ClusterConfig, **options: Any) -> dict[str, Any]:

@@ -122,3 +122,12 @@ def test_relative_model_folder_becomes_absolute_for_replicas(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     assert load_up_config(None, {"model": "models/m"}).model == str(tmp_path / "models" / "m")
     assert load_up_config(None, {}).model == "smollm2"  # the embedded model's name stays a name
+
+
+def test_up_checks_a_sharded_pool_against_the_model_before_starting(smollm2_path: Path) -> None:
+    from splitserve.ray_deploy.commands import load_up_config
+
+    # SmolLM2-135M: 9 attention heads, 3 KV heads, 30 layers
+    with pytest.raises(ConfigError, match=r"decode.tp = 2 does not divide the model's 9 attention heads"):
+        load_up_config(None, {"prefill.replicas": 0, "decode.tp": 2})
+    assert load_up_config(None, {"prefill.replicas": 0, "decode.tp": 3, "decode.pp": 2}).decode.world_size == 6

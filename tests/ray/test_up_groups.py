@@ -98,6 +98,17 @@ def _wait_gone(pids: list[int], timeout: float = 60.0) -> None:
         time.sleep(0.2)
 
 
+def test_replica_checks_the_group_shape_on_its_node_naming_the_field(model: Path) -> None:
+    from cluster.config import ConfigError
+    from protocol.worker_spec import WorkerSpec
+    from splitserve.ray_deploy.worker_replica import _check_shape
+
+    spec = WorkerSpec(role="decode", model=str(model), tp_size=2, pp_size=3)
+    with pytest.raises(ConfigError, match=r"decode.pp = 3 stages exceed the model's 2 layers"):
+        _check_shape(spec)
+    _check_shape(spec.replace(pp_size=2))
+
+
 def test_tp2_group_through_serve_equals_the_offline_engine(api: openai.OpenAI, reference: list[str]) -> None:
     got = _complete(api)
     assert got == reference
