@@ -10,6 +10,7 @@ them and Serve resizes the pools without restarting a replica.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,17 +34,33 @@ DEFAULT_ARGS: dict[str, Any] = {
 
 
 def check_ray_servable(config: ClusterConfig) -> None:
-    """`ConfigError` for what this build cannot serve under Ray (named field, before anything starts)."""
-    for pool in POOL_DEPLOYMENTS:
-        section = getattr(config, pool)
-        if section.tp * section.pp != 1:
-            raise ConfigError(
-                f"{pool}.tp/{pool}.pp: multi-rank worker groups (tp x pp = {section.tp * section.pp}) are "
-                "not servable yet under Ray: placement reserves them, but a replica runs one rank (tp=pp=1)")
+    """`ConfigError` for what this build cannot serve under Ray (named field, before anything starts).
+    Multi-rank groups are served as the local launcher serves them (`check_pairing`: today a
+    sharded pool runs without prefill workers); a replica then runs every rank of its group."""
+    from cluster.group_shapes import check_pairing  # lazy: imports the engine's model config
+
+    check_pairing(config)
     auto = config.prefill.autoscaling
     if auto is not None and auto.min_replicas == 0:
         raise ConfigError("prefill.autoscaling.min_replicas: under Ray a prefill pool keeps at least 1 replica "
                           "(a decode-only cluster: prefill.replicas: 0 and no autoscaling block)")
+
+
+def check_group_shapes_here(config: ClusterConfig) -> None:
+    """`ConfigError` naming the field when a sharded pool's tp/pp/ep cannot split the model, if the
+    model folder is on this machine too: ``up`` then refuses before anything starts (the replicas
+    check again on their nodes, where the folder must be)."""
+    if all(getattr(config, p).world_size == 1 for p in POOL_DEPLOYMENTS):
+        return
+    from engine import model_store
+
+    folder = model_store.default_model_dir() if config.is_embedded_model else Path(config.model).expanduser()
+    if model_store.is_complete(folder) if config.is_embedded_model else folder.exists():
+        from cluster.group_shapes import check_model_shapes
+        from engine.config import ModelConfig
+        from engine.weights import resolve_model
+
+        check_model_shapes(config, ModelConfig.from_hf_dict(resolve_model(str(folder))[0]), None)
 
 
 def serve_config(config: ClusterConfig, **options: Any) -> dict[str, Any]:
@@ -125,7 +142,9 @@ def _pool_deployment(config: ClusterConfig, placement: PoolPlacement, opts: dict
 def _spec_json(config: ClusterConfig, pool: str, plan: PlacementPlan) -> str:
     """The pool's `WorkerSpec`, as the local launcher builds it; the replica fills in the model
     path, worker id and host on its node. CPU workers get one torch thread per reserved CPU."""
-    one = {p: getattr(config, p).model_copy(update={"replicas": 1, "autoscaling": None}) for p in POOL_DEPLOYMENTS}
+    # one group of this pool (and, for decode, no prefill workers: what `check_pairing` asks of sharded pools)
+    one = {p: getattr(config, p).model_copy(update={"replicas": int(p == pool or p == "decode"), "autoscaling": None})
+           for p in POOL_DEPLOYMENTS}
     spec = next(s for s in worker_specs(config.model_copy(update=one), config.model) if s.role == pool)
     threads = int(plan.pools[pool].bundles[0].get("CPU", 1)) if config.device == "cpu" else 0
     return spec.replace(worker_id="", num_threads=max(1, threads) if config.device == "cpu" else 0).to_json()

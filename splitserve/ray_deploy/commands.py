@@ -29,7 +29,7 @@ def _say(out: TextIO, message: str) -> None:
 def load_up_config(config_path: str | None, overrides: Mapping[str, Any]) -> ClusterConfig:
     """The config as ``serve`` reads it (flags over the file), plus the Ray-side checks."""
     from splitserve.launch_options import apply_overrides
-    from splitserve.ray_deploy.app import check_ray_servable
+    from splitserve.ray_deploy.app import check_group_shapes_here, check_ray_servable
     from splitserve.router_settings import router_settings
 
     config = apply_overrides(load_config(config_path), dict(overrides))
@@ -39,6 +39,7 @@ def load_up_config(config_path: str | None, overrides: Mapping[str, Any]) -> Clu
     if not config.is_embedded_model and not model.is_absolute() and model.exists():
         # replicas run in other working directories: hand them a path that means the same folder
         config = config.model_copy(update={"model": str(model.resolve())})
+    check_group_shapes_here(config)
     return config
 
 

@@ -1,10 +1,13 @@
 """What ``splitserve up`` hands Serve, checked without a cluster: the Serve config (``--dry-run``)
-is valid for ``serve deploy``, holds no secret, maps ``autoscaling:`` blocks; refusals name fields."""
+is valid for ``serve deploy``, holds no secret, maps ``autoscaling:`` blocks, deploys sharded pools
+(a bundle per rank); refusals name fields, and Ray refuses exactly the group shapes that
+``splitserve serve`` refuses."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,8 +15,11 @@ import yaml
 from ray.serve.config import AutoscalingContext
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.config import ConfigError, config_from_dict, load_config
-from splitserve.ray_deploy.app import check_ray_servable, serve_config
+from cluster.config import ClusterConfig, ConfigError, config_from_dict, load_config
+from cluster.group_shapes import check_pairing
+from cluster.placement import NodeResources, plan_placement
+from protocol.worker_spec import WorkerSpec
+from splitserve.ray_deploy.app import _spec_json, check_ray_servable, serve_config
 from splitserve.ray_deploy.autoscaling import POLICY_PATH, PoolLoadPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,12 +41,40 @@ def test_dry_run_prints_a_valid_serve_config_without_secrets() -> None:
     assert auto["policy"] == {"policy_function": POLICY_PATH, "policy_kwargs": {"target": 64.0}}
 
 
-def test_multi_rank_groups_refused_under_ray_naming_the_field() -> None:
-    with pytest.raises(ConfigError, match=r"prefill.tp/prefill.pp: multi-rank worker groups \(tp x pp = 2\)"):
-        check_ray_servable(load_config("deploy/ray-8gpu.yaml"))
-    done = subprocess.run([sys.executable, "-m", "splitserve", "up", "deploy/ray-8gpu.yaml"],
+def _refusal(check: Callable[[ClusterConfig], None], config: ClusterConfig) -> str | None:
+    try:
+        check(config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("path", ["deploy/ray-8gpu.yaml", "deploy/ray-2node.yaml", "deploy/local.yaml"])
+def test_ray_refuses_exactly_the_group_shapes_the_local_launcher_refuses(path: str) -> None:
+    config = load_config(ROOT / path)
+    assert _refusal(check_ray_servable, config) == _refusal(check_pairing, config)
+
+
+def test_up_refuses_a_sharded_pool_with_prefill_workers_as_serve_does() -> None:
+    # ray-8gpu.yaml: prefill tp=2 and decode tp=4 groups with prefill workers (KV between sharded groups)
+    local = _refusal(check_pairing, load_config(ROOT / "deploy/ray-8gpu.yaml"))
+    done = subprocess.run([sys.executable, "-m", "splitserve", "up", "--dry-run", "deploy/ray-8gpu.yaml"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "not servable yet under Ray" in done.stderr
+    if local is None:  # the local launcher serves this shape (KV between sharded groups): so does Ray
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2 and f"error: {local}" in done.stderr
+        assert local.startswith("prefill.tp/prefill.pp: ") and "prefill.replicas: 0" in local
+
+
+def test_sharded_decode_pool_is_deployed_with_a_bundle_per_rank() -> None:
+    config = config_from_dict({"prefill": {"replicas": 0}, "decode": {"replicas": 2, "tp": 2, "pp": 2}})
+    cfg = serve_config(config)
+    assert cfg["applications"][0]["deployments"][1] == {"name": "decode", "num_replicas": 2}
+    plan = plan_placement(config, [NodeResources("n0", {"CPU": 16.0})])
+    assert plan.pools["decode"].bundles == ({"CPU": 1.0},) * 4
+    spec = WorkerSpec.from_json(_spec_json(config, "decode", plan))  # rank 0's spec: the replica adds the ranks
+    assert (spec.role, spec.tp_size, spec.pp_size, spec.num_threads) == ("decode", 2, 2, 1)
 
 
 def test_decode_only_cluster_omits_the_prefill_deployment() -> None:
@@ -88,3 +122,12 @@ def test_relative_model_folder_becomes_absolute_for_replicas(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     assert load_up_config(None, {"model": "models/m"}).model == str(tmp_path / "models" / "m")
     assert load_up_config(None, {}).model == "smollm2"  # the embedded model's name stays a name
+
+
+def test_up_checks_a_sharded_pool_against_the_model_before_starting(smollm2_path: Path) -> None:
+    from splitserve.ray_deploy.commands import load_up_config
+
+    # SmolLM2-135M: 9 attention heads, 3 KV heads, 30 layers
+    with pytest.raises(ConfigError, match=r"decode.tp = 2 does not divide the model's 9 attention heads"):
+        load_up_config(None, {"prefill.replicas": 0, "decode.tp": 2})
+    assert load_up_config(None, {"prefill.replicas": 0, "decode.tp": 3, "decode.pp": 2}).decode.world_size == 6
