@@ -18,6 +18,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import ClusterConfig, ConfigError, config_from_dict
+from cluster.group_shapes import kv_groups
 from cluster.placement import PlacementPlan, PoolPlacement, nodes_from_ray, plan_placement
 from splitserve.ray_deploy import APP_NAME, POOL_DEPLOYMENTS, ROUTER_DEPLOYMENT
 from splitserve.ray_deploy.autoscaling import serve_autoscaling_config
@@ -147,4 +148,6 @@ def _spec_json(config: ClusterConfig, pool: str, plan: PlacementPlan) -> str:
            for p in POOL_DEPLOYMENTS}
     spec = next(s for s in worker_specs(config.model_copy(update=one), config.model) if s.role == pool)
     threads = int(plan.pools[pool].bundles[0].get("CPU", 1)) if config.device == "cpu" else 0
-    return spec.replace(worker_id="", num_threads=max(1, threads) if config.device == "cpu" else 0).to_json()
+    # kv_groups from the whole config: the one-group copy above may have no prefill pool
+    return spec.replace(worker_id="", num_threads=max(1, threads) if config.device == "cpu" else 0,
+                        kv_groups=kv_groups(config)).to_json()

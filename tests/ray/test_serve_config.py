@@ -56,7 +56,7 @@ def test_ray_refuses_exactly_the_group_shapes_the_local_launcher_refuses(path: s
 
 
 def test_up_refuses_a_sharded_pool_with_prefill_workers_as_serve_does() -> None:
-    # ray-8gpu.yaml: prefill tp=2 and decode tp=4 groups with prefill workers (KV between sharded groups)
+    # ray-8gpu.yaml: prefill tp=2 and decode tp=4 groups with prefill workers (KV between sharded groups) over nixl
     local = _refusal(check_pairing, load_config(ROOT / "deploy/ray-8gpu.yaml"))
     done = subprocess.run([sys.executable, "-m", "splitserve", "up", "--dry-run", "deploy/ray-8gpu.yaml"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -64,7 +64,7 @@ def test_up_refuses_a_sharded_pool_with_prefill_workers_as_serve_does() -> None:
         assert done.returncode == 0, done.stderr
     else:
         assert done.returncode == 2 and f"error: {local}" in done.stderr
-        assert local.startswith("prefill.tp/prefill.pp: ") and "prefill.replicas: 0" in local
+        assert local.startswith("kvtransfer.backend: ") and "prefill.replicas: 0" in local  # nixl: whole blocks only
 
 
 def test_sharded_decode_pool_is_deployed_with_a_bundle_per_rank() -> None:
@@ -131,3 +131,12 @@ def test_up_checks_a_sharded_pool_against_the_model_before_starting(smollm2_path
     with pytest.raises(ConfigError, match=r"decode.tp = 2 does not divide the model's 9 attention heads"):
         load_up_config(None, {"prefill.replicas": 0, "decode.tp": 2})
     assert load_up_config(None, {"prefill.replicas": 0, "decode.tp": 3, "decode.pp": 2}).decode.world_size == 6
+
+
+def test_sharded_pools_with_prefill_workers_get_group_transports_under_ray() -> None:
+    """Both pools' specs say kv_groups (every rank its own transport), as `splitserve serve` gives them."""
+    config = config_from_dict({"prefill": {"replicas": 1}, "decode": {"replicas": 1, "tp": 2},
+                               "kvtransfer": {"backend": "tcp"}})
+    plan = plan_placement(config, [NodeResources("n0", {"CPU": 16.0})])
+    specs = [WorkerSpec.from_json(_spec_json(config, pool, plan)) for pool in ("prefill", "decode")]
+    assert [(s.role, s.tp_size, s.kv_groups) for s in specs] == [("prefill", 1, True), ("decode", 2, True)]
