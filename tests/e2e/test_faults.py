@@ -118,19 +118,26 @@ class TestOneDecodeWorker:
         calm = asyncio.run(_stream_all(solo))
         assert all(f == "length" or f == "stop" for _, f in calm)
         [decode] = solo.pool("decode")
+        view = solo.app.state.router.cluster
+        killed = {w.info.address for w in view.workers()}
         seen: list[str] = []
+
+        def restarted() -> bool:  # the router routes to a new incarnation of the decode worker
+            return any(w.info.address not in killed for w in view.snapshot().decode)
 
         async def kill_and_watch_health(progress: Progress) -> None:
             await _kill_when_streaming(solo, lambda: decode)(progress)
             async with httpx.AsyncClient(base_url=solo.url, timeout=5) as h:
-                for _ in range(300):  # until the restarted worker registered
+                for _ in range(600):
                     seen.append((await h.get("/health")).json()["status"])
-                    if seen[-1] == "ok" and "degraded" in seen:
+                    if seen[-1] == "ok" and restarted():
                         return
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(0.05)
 
         interrupted = asyncio.run(_stream_all(solo, kill_and_watch_health))
-        assert "degraded" in seen and seen[-1] == "ok"
+        # "degraded" shows only if the dead record expired before the restart re-registered
+        # (tests/cluster/test_pool_health.py checks that state deterministically)
+        assert seen[-1] == "ok" and restarted() and set(seen) <= {"ok", "degraded"}
         assert interrupted == calm  # same greedy text, no token lost or repeated
         assert solo.supervisor is not None and solo.supervisor.restarts(decode.spec.name) == 1
         assert _counter(solo, "succeeded") >= 1 and _counter(solo, "failed") == 0
