@@ -18,6 +18,25 @@ NODES = 3
 PER_NODE = {"num_cpus": 4, "resources": {FAKE_GPU: 4}}
 
 
+def _start_cluster(cluster_cls: Any, num_gpus: int, attempts: int = 2) -> Any:
+    """The simulated cluster; a second try where a raylet missed its start-up deadline (three
+    raylets starting at once on a loaded 2-core machine can)."""
+    for attempt in range(attempts):
+        cluster = cluster_cls()
+        try:
+            # the first node is the head; the real GPUs (if any) are its alone: the nodes share one machine
+            cluster.add_node(**PER_NODE, num_gpus=num_gpus)
+            for _ in range(NODES - 1):
+                cluster.add_node(**PER_NODE, num_gpus=0)
+            cluster.wait_for_nodes()
+            return cluster
+        except Exception:
+            cluster.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
     import torch
@@ -25,11 +44,7 @@ def ray_cluster() -> Iterator[Any]:
 
     from splitserve.ray_deploy import NAMESPACE
 
-    # the real GPUs (if any) belong to the head alone: simulated nodes share one machine
-    cluster = Cluster(initialize_head=True, head_node_args={**PER_NODE, "num_gpus": torch.cuda.device_count()})
-    for _ in range(NODES - 1):
-        cluster.add_node(**PER_NODE, num_gpus=0)
-    cluster.wait_for_nodes()
+    cluster = _start_cluster(Cluster, torch.cuda.device_count())
     ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
     try:
         yield cluster
