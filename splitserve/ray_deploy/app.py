@@ -36,8 +36,9 @@ DEFAULT_ARGS: dict[str, Any] = {
 
 def check_ray_servable(config: ClusterConfig) -> None:
     """`ConfigError` for what this build cannot serve under Ray (named field, before anything starts).
-    Multi-rank groups are served as the local launcher serves them (`check_pairing`: today a
-    sharded pool runs without prefill workers); a replica then runs every rank of its group."""
+    Multi-rank groups are served as the local launcher serves them (`check_pairing`: a sharded
+    pool with prefill workers needs a transport that writes head slices); a replica then runs
+    every rank of its group."""
     from cluster.group_shapes import check_pairing  # lazy: imports the engine's model config
 
     check_pairing(config)
@@ -143,11 +144,11 @@ def _pool_deployment(config: ClusterConfig, placement: PoolPlacement, opts: dict
 def _spec_json(config: ClusterConfig, pool: str, plan: PlacementPlan) -> str:
     """The pool's `WorkerSpec`, as the local launcher builds it; the replica fills in the model
     path, worker id and host on its node. CPU workers get one torch thread per reserved CPU."""
-    # one group of this pool (and, for decode, no prefill workers: what `check_pairing` asks of sharded pools)
+    # one group of this pool; the decode spec is built without prefill workers
     one = {p: getattr(config, p).model_copy(update={"replicas": int(p == pool or p == "decode"), "autoscaling": None})
            for p in POOL_DEPLOYMENTS}
     spec = next(s for s in worker_specs(config.model_copy(update=one), config.model) if s.role == pool)
     threads = int(plan.pools[pool].bundles[0].get("CPU", 1)) if config.device == "cpu" else 0
-    # kv_groups from the whole config: the one-group copy above may have no prefill pool
+    # kv_groups from the whole config: the one-group copy above has no prefill pool for decode
     return spec.replace(worker_id="", num_threads=max(1, threads) if config.device == "cpu" else 0,
                         kv_groups=kv_groups(config)).to_json()

@@ -16,10 +16,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from engine import LLM, SamplingParams
 from splitserve.serve import LocalCluster
 from tests.e2e.harness import client, make_config, running_cluster, status, wait_pools_full
-from tests.engine.parallel_models import save_tiny_llama_with_tokenizer
+from tests.engine.parallel_models import offline_greedy_texts, save_tiny_llama_with_tokenizer
 
 PROMPTS = ["The capital of France is a city that many people visit every year because",
            "One, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve,"]
@@ -39,9 +38,7 @@ def model(tmp_path_factory, smollm2_path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model: Path) -> list[str]:
-    with LLM(str(model)) as llm:
-        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    return [o.outputs[0].text for o in outs]
+    return offline_greedy_texts(model, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=list(PAIRINGS))

@@ -47,3 +47,12 @@ def save_tiny_llama_with_tokenizer(path: Path, tokenizer_from: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / name, path / name)
     return path
+
+
+def offline_greedy_texts(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    """The offline engine's greedy texts for ``prompts``: the reference every served path must give."""
+    from engine import LLM, SamplingParams
+
+    with LLM(str(model)) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return [o.outputs[0].text for o in outs]

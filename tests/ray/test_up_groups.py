@@ -22,9 +22,8 @@ import psutil
 import pytest
 from ray.util.state import list_actors
 
-from engine import LLM, SamplingParams
 from splitserve.ray_deploy.commands import down, up
-from tests.engine.parallel_models import save_tiny_llama_with_tokenizer
+from tests.engine.parallel_models import offline_greedy_texts, save_tiny_llama_with_tokenizer
 from tests.ray.test_up import _replicas, _wait_replicas
 
 PROMPTS = ["The capital of France is", "One, two, three,", "Water boils at"]
@@ -40,9 +39,7 @@ def model(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(model: Path) -> list[str]:
-    with LLM(str(model)) as llm:
-        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    return [o.outputs[0].text for o in outs]
+    return offline_greedy_texts(model, PROMPTS, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
